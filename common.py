@@ -366,3 +366,391 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
 
+
+# ----------------------------------------------------------------------------------------------
+# Task data and scoring
+#
+# GLUE tasks are described once here so that `adkd_distill.py` (distillation on a task) and
+# `eval_tasks.py` (fine-tuning any model on a task) read the same data the same way. Column names
+# and label orders are the Hugging Face Hub's `glue` dataset's; the metric names are those of the
+# Hugging Face `evaluate` metrics (`glue`, `squad`, `seqeval`), so numbers line up with run_glue.py.
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    name: str
+    sentence_keys: tuple[str, ...]  # hub column names of the one or two input texts
+    label_names: tuple[str, ...]  # in the hub's ClassLabel order; () for the regression task STS-B
+    num_labels: int  # 1 for STS-B (regression)
+    metric_for_best: str  # the key of glue_metrics() used to pick the best epoch (AD-KD §2.5)
+    folder: str  # folder name in the official GLUE distribution (glue_data/<folder>/)
+    # hub split name -> file name in the official distribution; "validation" is always the dev set
+    # that model selection uses (MNLI: matched), further dev sets follow it.
+    files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+    # Official TSV layout: hub column -> header name in the file (CoLA has no header: column index).
+    tsv_columns: tuple[tuple[str, str | int], ...] = ()
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def validation_splits(self) -> list[str]:
+        return [split for split, _ in self.files if split != "train"]
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), 2, "matthews_correlation", "CoLA",
+                 tsv_columns=(("label", 1), ("sentence", 3))),  # source, label, original label, sentence
+        GlueTask("sst2", ("sentence",), ("negative", "positive"), 2, "accuracy", "SST-2",
+                 tsv_columns=(("sentence", "sentence"), ("label", "label"))),
+        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), 2, "f1", "MRPC",
+                 tsv_columns=(("sentence1", "#1 String"), ("sentence2", "#2 String"), ("label", "Quality"))),
+        GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), 2, "accuracy", "QQP",
+                 tsv_columns=(("question1", "question1"), ("question2", "question2"), ("label", "is_duplicate"))),
+        GlueTask("stsb", ("sentence1", "sentence2"), (), 1, "spearmanr", "STS-B",
+                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "score"))),
+        GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), 3, "accuracy",
+                 "MNLI", files=(("train", "train.tsv"), ("validation", "dev_matched.tsv"),
+                                ("validation_mismatched", "dev_mismatched.tsv")),
+                 tsv_columns=(("premise", "sentence1"), ("hypothesis", "sentence2"), ("label", "gold_label"))),
+        GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), 2, "accuracy", "QNLI",
+                 tsv_columns=(("question", "question"), ("sentence", "sentence"), ("label", "label"))),
+        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), 2, "accuracy", "RTE",
+                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
+        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), 2, "accuracy", "WNLI",
+                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
+    ]
+}
+
+
+def glue_task(task: str) -> GlueTask:
+    if task not in GLUE_TASKS:
+        raise UserError(f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[task]
+
+
+def _glue_label(spec: GlueTask, value, where: str):
+    """A label as written in a file -> the hub's id (int) or score (float, STS-B)."""
+    text = str(value).strip()
+    if spec.is_regression:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"{where}: STS-B score '{text}' is not a number") from None
+    if text in spec.label_names:
+        return spec.label_names.index(text)
+    try:
+        as_number = float(text)
+    except ValueError:
+        as_number = None
+    if as_number is not None and as_number.is_integer() and 0 <= int(as_number) < spec.num_labels:
+        return int(as_number)
+    raise UserError(f"{where}: label '{text}' is not a {spec.name} label; expected one of "
+                    f"{list(spec.label_names)} or an id 0..{spec.num_labels - 1}")
+
+
+def _read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
+    """One file of the official GLUE distribution. The files are tab-separated and NOT quoted (a
+    sentence may hold a lone `"`), hence QUOTE_NONE. Rows with the wrong number of fields are
+    skipped and counted, as the Hub's own glue loader drops corrupted rows; a file whose header
+    does not fit the task, or that has no usable row, is an error naming its first bad line."""
+    import csv
+
+    columns = dict(spec.tsv_columns)
+    out = {name: [] for name in (*spec.sentence_keys, "label")}
+    skipped, first_bad = 0, None
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC ships with a BOM
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if all(isinstance(c, int) for c in columns.values()):  # CoLA: no header
+            width, index = 4, columns
+            start = 1
+        else:
+            header = next(rows, [])
+            missing = [c for c in columns.values() if c not in header]
+            if missing:
+                raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
+                                f"GLUE {spec.folder} layout")
+            width, index = len(header), {name: header.index(col) for name, col in columns.items()}
+            if spec.name in ("mnli", "stsb"):  # the gold label is the last column
+                index["label"] = -1
+            start = 2
+        for lineno, row in enumerate(rows, start=start):
+            if not row or row == [""]:
+                continue
+            if len(row) != width:
+                skipped += 1
+                first_bad = first_bad or (lineno, len(row))
+                continue
+            where = f"{path}, line {lineno}"
+            for name in spec.sentence_keys:
+                out[name].append(row[index[name]])
+            out["label"].append(_glue_label(spec, row[index["label"]], where))
+    if not out["label"]:
+        detail = f"line {first_bad[0]} has {first_bad[1]} tab-separated fields, expected {width}" if first_bad \
+            else "it has no data rows"
+        raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE "
+                        f"{spec.folder} layout")
+    if skipped:
+        print(f"warning: {path}: skipped {skipped} malformed row(s) (first: line {first_bad[0]})")
+    return out
+
+
+def _read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
+    """A user file with the hub column names: CSV with a header, JSON lines, or a JSON list."""
+    import csv
+
+    needed = (*spec.sentence_keys, "label")
+    out = {name: [] for name in needed}
+    if path.suffix.lower() in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text)  # a JSON list, {"data": [...]}, or a single JSON-lines record
+            if isinstance(records, dict):
+                records = records["data"] if isinstance(records.get("data"), list) else [records]
+            records = [(i + 1, r) for i, r in enumerate(records)]  # "line" = record number here
+        except json.JSONDecodeError:
+            records = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        records.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError:
+                        raise UserError(f"{path}, line {lineno}: not JSON; expected one JSON object per line "
+                                        f"with keys {list(needed)}") from None
+    else:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            records = list(enumerate(csv.DictReader(f), start=2))
+    for lineno, record in records:
+        where = f"{path}, line {lineno}"
+        if not isinstance(record, dict) or any(record.get(k) is None for k in needed):
+            raise UserError(f"{where}: needs the columns {list(needed)} (the hub's {spec.name} column names)")
+        for name in spec.sentence_keys:
+            out[name].append(str(record[name]))
+        out["label"].append(_glue_label(spec, record["label"], where))
+    if not out["label"]:
+        raise UserError(f"{path}: no rows; expected columns {list(needed)}")
+    return out
+
+
+def load_glue(task: str, data_dir: str | None = None, train_file: str | None = None,
+              validation_file: str | None = None):
+    """A GLUE task as a `datasets.DatasetDict` with splits "train" and "validation" (MNLI: matched)
+    (+ "validation_mismatched" for MNLI), columns = the hub's text columns + "label" (int id; float
+    score for STS-B).
+
+    Each split comes from, in order: its file flag (`train_file` / `validation_file`: CSV or JSON
+    with the hub column names, or a .tsv in the official layout), else `data_dir` (the official GLUE
+    distribution: the task folder, or glue_data/ holding it), else the Hub's `glue` dataset.
+    """
+    import datasets
+
+    spec = glue_task(task)
+    for path, flag in ((train_file, "--train_file"), (validation_file, "--validation_file")):
+        require_file(path, flag)
+    folder = None
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise UserError(f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
+        folder = root / spec.folder if (root / spec.folder).is_dir() else root
+    given = {"train": train_file, "validation": validation_file}
+
+    columns: dict[str, dict[str, list]] = {}
+    for split, file_name in spec.files:
+        if given.get(split):
+            path = Path(given[split])
+            reader = _read_glue_tsv if path.suffix.lower() == ".tsv" else _read_glue_table
+            columns[split] = reader(spec, path)
+        elif folder is not None:
+            path = folder / file_name
+            if not path.is_file():
+                flag = "--train_file" if split == "train" else "--validation_file"
+                raise UserError(f"--data_dir: {path} is missing (official GLUE {spec.folder} layout: "
+                                f"{', '.join(n for _, n in spec.files)}); pass the {spec.folder} folder or {flag}")
+            columns[split] = _read_glue_tsv(spec, path)
+
+    label_feature = datasets.Value("float32") if spec.is_regression else datasets.Value("int64")
+    features = datasets.Features({**{k: datasets.Value("string") for k in spec.sentence_keys}, "label": label_feature})
+    result = {split: datasets.Dataset.from_dict(cols, features=features) for split, cols in columns.items()}
+
+    missing = [split for split, _ in spec.files if split not in result]
+    if missing:
+        hub = load_hub_dataset("glue", task, "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
+        hub_names = {"validation": "validation_matched"} if task == "mnli" else {}
+        for split in missing:
+            ds = hub[hub_names.get(split, split)].select_columns([*spec.sentence_keys, "label"])
+            result[split] = ds.cast(features)
+    return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
+
+
+# ---- scoring
+
+
+def _as_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def matthews_correlation(predictions, labels) -> float:
+    """Matthews correlation (multi-class form; the usual tp·tn − fp·fn formula for two classes).
+    0 when it is undefined, e.g. a constant prediction, as sklearn does."""
+    p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
+    classes = np.union1d(p, y)
+    confusion = np.array([[np.sum((y == a) & (p == b)) for b in classes] for a in classes], dtype=float)
+    t_k, p_k = confusion.sum(1), confusion.sum(0)  # true / predicted count per class
+    n, correct = confusion.sum(), np.trace(confusion)
+    # MCC = (c·n − Σ_k t_k p_k) / sqrt((n² − Σ_k p_k²)(n² − Σ_k t_k²))
+    denominator = np.sqrt((n * n - p_k @ p_k) * (n * n - t_k @ t_k))
+    return float((correct * n - t_k @ p_k) / denominator) if denominator > 0 else 0.0
+
+
+def binary_f1(predictions, labels) -> float:
+    """F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count."""
+    p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
+    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
+    x, y = _as_array(x).astype(float), _as_array(y).astype(float)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator > 0 else 0.0
+
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata 'average')."""
+    x = _as_array(x).astype(float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    start = 0
+    while start < len(x):
+        end = start
+        while end + 1 < len(x) and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1  # mean of ranks start+1 .. end+1
+        start = end + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman correlation = Pearson correlation of the average ranks."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def glue_metrics(task: str, predictions, labels) -> dict:
+    """Scores with the Hugging Face `glue` metric's key names, values in 0..1.
+
+    `predictions` are class ids (STS-B: scores); logits of shape (N, C) are accepted too and turned
+    into ids by argmax. cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
+    accuracy, f1 (positive class = paraphrase / duplicate); every other task -> accuracy.
+    """
+    task = {"mnli_matched": "mnli", "mnli_mismatched": "mnli", "mnli-mm": "mnli"}.get(task, task)
+    spec = glue_task(task)
+    p, y = _as_array(predictions), _as_array(labels)
+    if spec.is_regression:
+        p = p.reshape(len(y), -1)[:, 0] if p.ndim > 1 else p
+        return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
+    if p.ndim > 1:
+        p = p.argmax(-1)
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions for {len(y)} labels")
+    if task == "cola":
+        return {"matthews_correlation": matthews_correlation(p, y)}
+    accuracy = float(np.mean(p.astype(int) == y.astype(int))) if len(y) else 0.0
+    if task in ("mrpc", "qqp"):
+        return {"accuracy": accuracy, "f1": binary_f1(p, y)}
+    return {"accuracy": accuracy}
+
+
+def normalize_answer(text: str) -> str:
+    """The official SQuAD v1.1 normalisation: lower case, drop punctuation, drop the articles
+    a/an/the, collapse whitespace (in that order)."""
+    import re
+    import string
+
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _answer_f1(prediction: str, gold: str) -> float:
+    """Bag-of-tokens F1 between two normalised answers (0 when they share no token)."""
+    import collections
+
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    """SQuAD v1.1 `exact_match` and `f1` in 0..100, as the official script: each question scores its
+    best gold answer, questions are averaged. A question with no prediction scores 0."""
+    if not references:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = f1 = 0.0
+    for qid, golds in references.items():
+        prediction = predictions.get(qid, "")
+        em += max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
+        f1 += max(_answer_f1(prediction, g) for g in golds)
+    return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1 / len(references)}
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '')."""
+    if tag == "O" or not tag:
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    return (prefix, kind) if kind else ("I", prefix)  # a bare type ('PER') reads as inside
+
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of each entity in one sentence, by the conlleval rules, which read IOB1,
+    IOB2 (and IOBES) alike: an entity starts at B/S, or at an I/E that does not continue an entity
+    of the same type; it ends before an O, a B/S, or a different type, and after an E/S."""
+    spans, start, kind = set(), None, ""
+    previous = "O"
+    for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
+        prefix, this_kind = _split_tag(tag)
+        continues = (start is not None and this_kind == kind and prefix in ("I", "E")
+                     and previous in ("B", "I"))
+        if start is not None and not continues:
+            spans.add((kind, start, i - 1))
+            start = None
+        if prefix != "O" and start is None:
+            start, kind = i, this_kind
+        if prefix in ("E", "S"):  # an entity that ends here
+            spans.add((kind, start, i))
+            start = None
+        previous = prefix if start is not None else "O"
+    return spans
+
+
+def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict:
+    """Entity-level micro `precision`, `recall`, `f1` (an entity counts only with its exact type and
+    boundaries; equal to seqeval's default, conlleval-compatible mode) and token `accuracy`."""
+    tp = n_pred = n_gold = correct_tokens = n_tokens = 0
+    for pred_tags, gold_tags in zip(predictions, references, strict=True):
+        if len(pred_tags) != len(gold_tags):
+            raise ValueError(f"a sentence has {len(pred_tags)} predicted tags but {len(gold_tags)} gold tags")
+        pred_spans, gold_spans = entity_spans(pred_tags), entity_spans(gold_tags)
+        tp += len(pred_spans & gold_spans)
+        n_pred, n_gold = n_pred + len(pred_spans), n_gold + len(gold_spans)
+        correct_tokens += sum(p == g for p, g in zip(pred_tags, gold_tags))
+        n_tokens += len(gold_tags)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": correct_tokens / n_tokens if n_tokens else 0.0}
