@@ -511,34 +511,52 @@ def base_and_counterfactual(model, input_ids, attention_mask, source_input_ids, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses. z: MLM logits (B, T, V); h: last-layer hidden states (B, T, H); M: positions used (B, T)
+# Losses. z: MLM logits (B, T, V); h: last-layer hidden states (B, T, H); M: positions used (B, T).
+# Each term is computed per position and then averaged over M: with the fast schedule the base and
+# counterfactual rows share one (2B, T, V) tensor, so nothing of that size is sliced or copied.
 
 
-def soft_target_loss(student_logits, teacher_logits, positions, temperature: float) -> torch.Tensor:
-    # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )     (§0.3)
-    log_p_student = F.log_softmax(student_logits[positions].float() / temperature, dim=-1)  # (N, V)
-    log_p_teacher = F.log_softmax(teacher_logits[positions].float() / temperature, dim=-1)  # (N, V)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """Per position, (...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) )  (§0.3)."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
     return kl * temperature**2
 
 
-def mlm_loss(student_logits, labels) -> torch.Tensor:
-    # L_mlm = 1/|masked| * sum_{p masked} -log p_s(x_p | masked input)
-    chosen = labels != -100  # (B, T); select first: only ~15% of the (B, T, V) logits are needed
-    return F.cross_entropy(student_logits[chosen].float(), labels[chosen])
+def cosine_distance(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Per position, (...,) for states (..., H): 1 - cos(h_s, h_t)."""
+    return 1.0 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+
+
+def masked_mean(values, positions) -> torch.Tensor:
+    """1/|M| * sum_{p in M} values[p]; values at positions outside M (padding) are finite and ignored."""
+    return (values * positions).sum() / positions.sum()
+
+
+def soft_target_loss(student_logits, teacher_logits, positions, temperature: float) -> torch.Tensor:
+    # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
+    return masked_mean(soft_target_kl(student_logits, teacher_logits, temperature), positions)
 
 
 def hidden_cosine_loss(student_hidden, teacher_hidden, positions) -> torch.Tensor:
     # L_cos = 1/|M| * sum_{p in M} (1 - cos(h_s[p], h_t[p]))
-    cos = F.cosine_similarity(student_hidden[positions].float(), teacher_hidden[positions].float(), dim=-1)
-    return (1.0 - cos).mean()
+    return masked_mean(cosine_distance(student_hidden, teacher_hidden), positions)
 
 
-# IIT: the interchange losses are the same functions applied to the counterfactual outputs:
+def mlm_loss(student_logits, labels) -> torch.Tensor:
+    # L_mlm = 1/|masked| * sum_{p masked} -log p_s(x_p | masked input)
+    # Only the ~15% labelled positions are read (rows, cols index): `student_logits` may carry more rows
+    # than `labels` (the fast schedule's counterfactual rows follow the base rows) and is not sliced.
+    rows, cols = (labels != -100).nonzero(as_tuple=True)
+    return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
+
+
+# IIT: the interchange losses are the same terms on the counterfactual outputs z~, h~ (after the aligned
+# blocks' states are swapped in from the source), with M all non-pad base positions (the official
+# choice), not only the swapped ones:
 #   L_iit     = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
 #   L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
-# with z~, h~ the outputs after the aligned blocks' states are swapped in from the source, and M all
-# non-pad base positions (the official choice), not only the swapped ones.
 
 
 def distillation_loss(student, teacher, batch: dict, args: Args, group=None, schedule: str = "fast"):
@@ -548,53 +566,49 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
     None for standard distillation. `schedule`: 'fast' (one 2B-row forward per model, see
     base_and_counterfactual) or 'plain' (separate base, source and counterfactual forwards, as the
     official code). Both give the same loss and gradients without dropout."""
-    labels = batch["labels"]
+    B = batch["input_ids"].shape[0]
     positions = batch["attention_mask"].bool()  # M: every non-pad base token
     layers_t, layers_s = group if group is not None else (None, None)
+    # Rows [0, B) of z, h are the base run; with IIT, rows [B, 2B) are the counterfactual run.
     with torch.no_grad():  # the teacher is frozen
-        z_t, h_t, z_t_cf, h_t_cf = _base_and_counterfactual_outputs(teacher, batch, layers_t, schedule)
-    z_s, h_s, z_s_cf, h_s_cf = _base_and_counterfactual_outputs(student, batch, layers_s, schedule)
+        z_t, h_t = base_and_counterfactual_outputs(teacher, batch, layers_t, schedule)
+    z_s, h_s = base_and_counterfactual_outputs(student, batch, layers_s, schedule)
+    kl = soft_target_kl(z_s, z_t, args.temperature)  # (B or 2B, T)
+    cos = cosine_distance(h_s, h_t)  # (B or 2B, T)
 
     terms = {
-        "ce": soft_target_loss(z_s, z_t, positions, args.temperature),
-        "mlm": mlm_loss(z_s, labels),
-        "cos": hidden_cosine_loss(h_s, h_t, positions),
+        "ce": masked_mean(kl[:B], positions),  # L_ce
+        "mlm": mlm_loss(z_s, labels=batch["labels"]),  # L_mlm, base rows only
+        "cos": masked_mean(cos[:B], positions),  # L_cos
     }
     loss = args.alpha_ce * terms["ce"] + args.alpha_mlm * terms["mlm"] + args.alpha_cos * terms["cos"]
     if group is not None:
         # IIT: the student's counterfactual output must match the teacher's counterfactual output.
-        # L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
-        terms["iit"] = soft_target_loss(z_s_cf, z_t_cf, positions, args.temperature)
-        # L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
-        terms["iit_cos"] = hidden_cosine_loss(h_s_cf, h_t_cf, positions)
+        terms["iit"] = masked_mean(kl[B:], positions)  # L_iit
+        terms["iit_cos"] = masked_mean(cos[B:], positions)  # L_iit_cos
         loss = loss + args.alpha_iit * terms["iit"] + args.alpha_iit_cos * terms["iit_cos"]
     return loss, terms
 
 
-def _base_and_counterfactual_outputs(model, batch, layers, schedule: str):
-    """(z, h) of the base run and (z~, h~) of the counterfactual run (None without `layers`):
-    MLM logits (B, T, V) and last hidden states (B, T, H)."""
+def base_and_counterfactual_outputs(model, batch, layers, schedule: str = "fast"):
+    """MLM logits z (R, T, V) and last hidden states h (R, T, H): R = B rows of the base run, plus
+    (with `layers`) B rows of the counterfactual run, by either schedule."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    if layers is not None and schedule == "fast":
-        B = ids.shape[0]
+    if layers is None:
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+    if schedule == "fast":
         out = base_and_counterfactual(model, ids, attn, batch["source_input_ids"], batch["source_attention_mask"],
                                       layers, batch["base_swap"], batch["source_swap"])
-        z, h = out.logits, out.hidden_states[-1]  # rows [0, B): base, [B, 2B): counterfactual
-        return z[:B], h[:B], z[B:], h[B:]
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-    z_cf, h_cf = _plain_counterfactual(model, batch, layers) if layers is not None else (None, None)
-    return out.logits, out.hidden_states[-1], z_cf, h_cf
-
-
-def _plain_counterfactual(model, batch, layers):
-    """The official schedule: a source forward (in full, as the official code runs it) to read the
-    aligned blocks, then a whole counterfactual forward with them swapped in."""
+        return out.logits, out.hidden_states[-1]
+    # The official schedule: a base forward, a source forward (in full, as the official code runs it) to
+    # read the aligned blocks, and a whole counterfactual forward with them swapped in.
+    base = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
     acts = get_activations(model, batch["source_input_ids"], batch["source_attention_mask"], layers,
                            full_forward=True)
     interventions = {l: (batch["base_swap"], acts[l][batch["source_swap"]]) for l in layers}
-    out = forward_with_interchange(model, batch["input_ids"], batch["attention_mask"], interventions,
-                                   output_hidden_states=True)
-    return out.logits, out.hidden_states[-1]
+    cf = forward_with_interchange(model, ids, attn, interventions, output_hidden_states=True)
+    return (torch.cat([base.logits, cf.logits]), torch.cat([base.hidden_states[-1], cf.hidden_states[-1]]))
 
 
 def prepare_batch(batch: dict, tokenizer, weights: torch.Tensor, args: Args, device, with_iit: bool) -> dict:

@@ -7,7 +7,10 @@ Random-weight models of the papers' shapes (no download): a 12-layer bert-base-s
 8 x 128 tokens. Each step is forward + backward + AdamW update. Methods are timed interleaved
 (a few warm-up steps, then the median of several), so every ratio comes from the same run. Peak
 memory: CUDA's allocator peak, or on CPU the peak resident set (VmHWM) of a fresh process running
-only that method (model weights and optimiser state included). Not collected by pytest (the file name does not start with test_).
+only that method (model weights and optimiser state included). Work: the floating-point operations
+of a step (mean over the warm-up steps) as torch.utils.flop_counter counts them (matrix products,
+which dominate), so each time ratio can be read against the work ratio beneath it. Not collected by
+pytest (the file name does not start with test_).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def iit_step_fn(method: str, device):
 
 def adkd_step_fn(method: str, device):
     """kd: vanilla KD, teacher forward every step (as KD code ordinarily runs); kd_cached: the same with
-    the teacher's logits cached (what adkd_distill.py does with --beta 0); adkd: the script's step after
+    the teacher's logits cached (as adkd_distill.py caches them); adkd: the script's step after
     the first epoch (teacher maps and logits cached); adkd_naive: the teacher's attributions recomputed
     every step, as the official code does."""
     import adkd_distill as adkd
@@ -99,6 +102,9 @@ def adkd_step_fn(method: str, device):
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(bert_base_config(num_labels=2)).to(device).eval().requires_grad_(False)
     student = common.init_student_from_teacher(teacher, [0, 2, 4, 7, 9, 11]).to(device).train()
+    uses_attr = method.startswith("adkd")
+    if uses_attr:  # as adkd_distill.load_student: the double backward needs eager attention
+        student.set_attn_implementation("eager")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
@@ -106,7 +112,6 @@ def adkd_step_fn(method: str, device):
     batch = {k: v.to(device) for k, v in dict(
         input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
         labels=torch.randint(2, (BATCH,), generator=g), index=torch.arange(BATCH)).items()}
-    uses_attr = method.startswith("adkd")
     cache = adkd.TeacherCache(teacher, num_labels=2, ig_steps=1, topk=768, need_maps=uses_attr, bf16=False)
     if method in ("adkd", "kd_cached"):
         cache(batch)  # warm: what every step after the first epoch sees
@@ -135,18 +140,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_methods(names, device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    steps = {name: METHODS[name](name, device) for name in names}
-    times = {name: [] for name in names}
-    for i in range(warmup + repeats):
-        for name in names:  # interleaved: drifts in machine speed hit every method alike
+def time_methods(steps: dict, device, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Per method: the times of the timed steps, and the mean FLOPs of the warm-up steps (counted by
+    torch.utils.flop_counter, which slows a step down; hence only on the untimed ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    times = {name: [] for name in steps}
+    flops = {name: [] for name in steps}
+    for i in range(max(warmup, 1) + repeats):
+        for name, step in steps.items():  # interleaved: drifts in machine speed hit every method alike
+            if i < max(warmup, 1):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    step()
+                flops[name].append(counter.get_total_flops())
+                continue
             sync(device)
             start = time.perf_counter()
-            steps[name]()
+            step()
             sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+            times[name].append(time.perf_counter() - start)
+    return times, {name: statistics.mean(f) for name, f in flops.items()}
 
 
 def peak_memory(name: str, device, warmup: int) -> float:
@@ -184,19 +198,20 @@ def main():
     names = cli.methods.split(",")
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {BATCH} x {SEQ} tokens, "
           f"bert-base teacher (12 x 768), 6-layer student; {cli.warmup} warm-up + {cli.repeats} timed steps each")
-    times = time_methods(names, device, cli.warmup, cli.repeats)
+    steps = {name: METHODS[name](name, device) for name in names}
+    times, flops = time_methods(steps, device, cli.warmup, cli.repeats)
     median = {name: statistics.median(ts) for name, ts in times.items()}
     memory = {} if cli.no_memory else {name: peak_memory(name, device, cli.warmup) for name in names}
     for name in names:
         mem = f"  peak memory {memory[name]:8.0f} MiB" if name in memory else ""
         print(f"{name:11s} step {median[name] * 1000:8.0f} ms (min {min(times[name]) * 1000:.0f}, "
-              f"max {max(times[name]) * 1000:.0f}){mem}")
+              f"max {max(times[name]) * 1000:.0f})  work {flops[name] / 1e9:6.0f} GFLOP{mem}")
     ratios = [("iit_over_standard", "iit", "standard"), ("iit_naive_over_standard", "iit_naive", "standard"),
               ("adkd_over_kd", "adkd", "kd"), ("adkd_naive_over_kd", "adkd_naive", "kd"),
               ("kd_cached_over_kd", "kd_cached", "kd")]
     for label, a, b in ratios:
         if a in median and b in median:
-            print(f"{label}={median[a] / median[b]:.2f}")
+            print(f"{label}={median[a] / median[b]:.2f}  (work ratio {flops[a] / flops[b]:.2f})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertForSequenceClassification
 
 import common
@@ -223,6 +224,28 @@ def test_soft_target_loss_zero_for_equal_logits_and_T_squared():
     p_t = torch.softmax(z_t[positions] / T, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(z_s[positions] / T, -1))).sum(-1).mean()
     assert torch.allclose(iit.soft_target_loss(z_s, z_t, positions, T), kl * T**2, atol=1e-5)
+
+
+def test_mlm_loss_reads_only_labelled_base_rows():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 6, 20, generator=g)
+    labels = torch.full((3, 6), -100)
+    labels[0, 1], labels[2, 4], labels[2, 5] = 7, 3, 19
+    expected = F.cross_entropy(z.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert torch.allclose(iit.mlm_loss(z, labels), expected)
+    # the fast schedule passes (2B, T, V) logits: the counterfactual rows below the base rows are not read
+    assert torch.allclose(iit.mlm_loss(torch.cat([z, 1e4 * torch.randn(3, 6, 20, generator=g)]), labels), expected)
+
+
+def test_losses_ignore_padding_positions():
+    g = torch.Generator().manual_seed(0)
+    z_t, z_s = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
+    positions = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    loss = iit.soft_target_loss(z_s, z_t, positions, 2.0)
+    z_s_other_padding = torch.where(positions[..., None], z_s, 1e3 * torch.randn(2, 5, 30, generator=g))
+    assert torch.allclose(iit.soft_target_loss(z_s_other_padding, z_t, positions, 2.0), loss)
+    per_position = iit.soft_target_kl(z_s, z_t, 2.0)
+    assert torch.allclose(loss, per_position[positions].mean())
 
 
 def test_hidden_cosine_loss():
