@@ -1,6 +1,6 @@
 """What IIT and AD-KD add to a training step, measured on the scripts' own step functions.
 
-    python tests/bench_step_cost.py            # ~5 minutes on 2 CPU cores; uses CUDA when present
+    python tests/bench_step_cost.py            # ~10 minutes on 2 CPU cores; uses CUDA when present
 
 Random-weight models of the papers' shapes (no download): a 12-layer bert-base-shaped teacher
 (hidden 768, vocab 30,522) and a 6-layer student built from its blocks [0, 2, 4, 7, 9, 11]; batch
