@@ -534,16 +534,6 @@ def masked_mean(values, positions) -> torch.Tensor:
     return (values * positions).sum() / positions.sum()
 
 
-def soft_target_loss(student_logits, teacher_logits, positions, temperature: float) -> torch.Tensor:
-    # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
-    return masked_mean(soft_target_kl(student_logits, teacher_logits, temperature), positions)
-
-
-def hidden_cosine_loss(student_hidden, teacher_hidden, positions) -> torch.Tensor:
-    # L_cos = 1/|M| * sum_{p in M} (1 - cos(h_s[p], h_t[p]))
-    return masked_mean(cosine_distance(student_hidden, teacher_hidden), positions)
-
-
 def mlm_loss(student_logits, labels) -> torch.Tensor:
     # L_mlm = 1/|masked| * sum_{p masked} -log p_s(x_p | masked input)
     # Only the ~15% labelled positions are read (rows, cols index): `student_logits` may carry more rows
@@ -554,9 +544,7 @@ def mlm_loss(student_logits, labels) -> torch.Tensor:
 
 # IIT: the interchange losses are the same terms on the counterfactual outputs z~, h~ (after the aligned
 # blocks' states are swapped in from the source), with M all non-pad base positions (the official
-# choice), not only the swapped ones:
-#   L_iit     = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
-#   L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
+# choice), not only the swapped ones. distillation_loss below writes out each term's equation.
 
 
 def distillation_loss(student, teacher, batch: dict, args: Args, group=None, schedule: str = "fast"):
@@ -577,15 +565,19 @@ def distillation_loss(student, teacher, batch: dict, args: Args, group=None, sch
     cos = cosine_distance(h_s, h_t)  # (B or 2B, T)
 
     terms = {
-        "ce": masked_mean(kl[:B], positions),  # L_ce
-        "mlm": mlm_loss(z_s, labels=batch["labels"]),  # L_mlm, base rows only
-        "cos": masked_mean(cos[:B], positions),  # L_cos
+        # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
+        "ce": masked_mean(kl[:B], positions),
+        "mlm": mlm_loss(z_s, labels=batch["labels"]),  # L_mlm (equation in mlm_loss), base rows only
+        # L_cos = 1/|M| * sum_{p in M} (1 - cos(h_s[p], h_t[p]))
+        "cos": masked_mean(cos[:B], positions),
     }
     loss = args.alpha_ce * terms["ce"] + args.alpha_mlm * terms["mlm"] + args.alpha_cos * terms["cos"]
     if group is not None:
         # IIT: the student's counterfactual output must match the teacher's counterfactual output.
-        terms["iit"] = masked_mean(kl[B:], positions)  # L_iit
-        terms["iit_cos"] = masked_mean(cos[B:], positions)  # L_iit_cos
+        # L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
+        terms["iit"] = masked_mean(kl[B:], positions)
+        # L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
+        terms["iit_cos"] = masked_mean(cos[B:], positions)
         loss = loss + args.alpha_iit * terms["iit"] + args.alpha_iit_cos * terms["iit_cos"]
     return loss, terms
 

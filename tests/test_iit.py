@@ -213,17 +213,17 @@ def test_token_weights_smoothing():
 # ---- losses ---------------------------------------------------------------------------------------
 
 
-def test_soft_target_loss_zero_for_equal_logits_and_T_squared():
+def test_soft_target_kl_zero_for_equal_logits_and_T_squared():
     g = torch.Generator().manual_seed(0)
     z_t = torch.randn(2, 5, 30, generator=g)
     positions = torch.ones(2, 5, dtype=torch.bool)
     positions[1, 3:] = False
-    assert iit.soft_target_loss(z_t.clone(), z_t, positions, 2.0).abs() < 1e-6
+    assert iit.masked_mean(iit.soft_target_kl(z_t.clone(), z_t, 2.0), positions).abs() < 1e-6
     z_s = torch.randn(2, 5, 30, generator=g)
     T = 3.0
     p_t = torch.softmax(z_t[positions] / T, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(z_s[positions] / T, -1))).sum(-1).mean()
-    assert torch.allclose(iit.soft_target_loss(z_s, z_t, positions, T), kl * T**2, atol=1e-5)
+    assert torch.allclose(iit.masked_mean(iit.soft_target_kl(z_s, z_t, T), positions), kl * T**2, atol=1e-5)
 
 
 def test_mlm_loss_reads_only_labelled_base_rows():
@@ -241,18 +241,18 @@ def test_losses_ignore_padding_positions():
     g = torch.Generator().manual_seed(0)
     z_t, z_s = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
     positions = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    loss = iit.soft_target_loss(z_s, z_t, positions, 2.0)
+    loss = iit.masked_mean(iit.soft_target_kl(z_s, z_t, 2.0), positions)
     z_s_other_padding = torch.where(positions[..., None], z_s, 1e3 * torch.randn(2, 5, 30, generator=g))
-    assert torch.allclose(iit.soft_target_loss(z_s_other_padding, z_t, positions, 2.0), loss)
+    assert torch.allclose(iit.masked_mean(iit.soft_target_kl(z_s_other_padding, z_t, 2.0), positions), loss)
     per_position = iit.soft_target_kl(z_s, z_t, 2.0)
     assert torch.allclose(loss, per_position[positions].mean())
 
 
-def test_hidden_cosine_loss():
+def test_cosine_distance_masked_mean():
     h = torch.randn(2, 4, 8)
     positions = torch.ones(2, 4, dtype=torch.bool)
-    assert iit.hidden_cosine_loss(h, 3 * h, positions).abs() < 1e-6
-    assert torch.allclose(iit.hidden_cosine_loss(h, -h, positions), torch.tensor(2.0))
+    assert iit.masked_mean(iit.cosine_distance(h, 3 * h), positions).abs() < 1e-6
+    assert torch.allclose(iit.masked_mean(iit.cosine_distance(h, -h), positions), torch.tensor(2.0))
 
 
 def test_standard_distillation_has_no_iit_terms():
