@@ -72,14 +72,24 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; any other string is passed to torch.device."""
+    """'auto' picks cuda, then mps, then cpu; a named device that this machine lacks is a UserError."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; pass auto, cpu, cuda or mps") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
+        raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
+    return device
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where the offline demos cache their corpus and teachers: `cache_dir`, else
+    $XDG_CACHE_HOME/bert-distill, else ~/.cache/bert-distill."""
+    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")
+    return Path(root).expanduser()
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -378,6 +388,29 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     return state
 
 
+def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
+    """--resume_from_checkpoint: None -> None; 'latest' -> the newest checkpoint-<step> in output_dir;
+    a folder -> that folder. Anything that is not a checkpoint is a UserError."""
+    if value is None:
+        return None
+    path = latest_checkpoint(output_dir) if value == "latest" else Path(value)
+    if path is None or not (path / "training_state.pt").is_file():
+        where = f"no checkpoint-<step> folder in '{output_dir}'" if path is None else f"'{path}' is not one"
+        raise UserError(f"--resume_from_checkpoint needs a checkpoint-<step> folder ({where})")
+    return path
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to write into a file, or over a finished run unless asked to (--overwrite_output_dir)."""
+    out = Path(output_dir)
+    if out.is_file():
+        raise UserError(f"--output_dir '{out}' is a file; pass a folder")
+    finished = (out / "model.safetensors").exists() or (out / "results.json").exists()
+    if finished and not overwrite and not resuming:
+        raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
+                        f"--resume_from_checkpoint or another folder")
+
+
 def _checkpoints(output_dir: str | Path) -> list[Path]:
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
@@ -599,12 +632,35 @@ def load_glue(task: str, data_dir: str | None = None, train_file: str | None = N
 
     missing = [split for split, _ in spec.files if split not in result]
     if missing:
-        hub = load_hub_dataset("glue", task, "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
+        hub = load_hub_dataset("nyu-mll/glue", task, "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
         hub_names = {"validation": "validation_matched"} if task == "mnli" else {}
         for split in missing:
             ds = hub[hub_names.get(split, split)].select_columns([*spec.sentence_keys, "label"])
             result[split] = ds.cast(features)
     return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
+
+
+def demo_polarity(fold: int = 0):
+    """The offline demo's SST-2-style data: the 200 real movie-review sentences (100 positive, 100
+    negative) that gensim ships as `pang_lee_polarity.cor`, in the hub's sst2 columns (sentence,
+    label). Sentence i is dev when i % 5 == fold (40 dev, 160 train); folds 0..4 cover every sentence."""
+    import datasets
+
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise UserError("the offline demo needs gensim (pip install --no-deps -r requirements-demo.txt); "
+                        "or pass --data_dir or --train_file/--validation_file") from None
+    if not 0 <= fold < 5:
+        raise UserError(f"demo fold {fold} must be in 0..4")
+    text = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252")  # 0x97 is an em dash
+    rows = [line.split(" ", 1) for line in text.splitlines() if line.strip()]
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")})
+    splits = {"train": [r for i, r in enumerate(rows) if i % 5 != fold],
+              "validation": [r for i, r in enumerate(rows) if i % 5 == fold]}
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]},
+        features=features) for split, part in splits.items()})
 
 
 # ---- scoring
