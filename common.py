@@ -1,20 +1,19 @@
-"""Plumbing shared by the distillation and evaluation scripts.
-
-Seeding and devices, torchrun/DDP set-up, loading models and data from a local path or the
-Hugging Face Hub with one-line errors, checkpoints that resume exactly, the teacher -> student
-layer map, and task scoring. Nothing here knows which distillation method is running: the method
-scripts import these helpers, never the other way round.
-"""
+"""What the three scripts share: the teacher -> student layer map, GLUE/SQuAD/CoNLL data and scoring, and a few
+run helpers (seed, device, DDP, checkpoints, one-line errors). Nothing here knows which method runs."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import csv
 import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import string
 import sys
 import urllib.parse
 from pathlib import Path
@@ -23,21 +22,17 @@ import numpy as np
 import torch
 
 
-# ----------------------------------------------------------------------------------------------
-# Errors and the command line
+# ---- One-line errors, the command line, seeding, devices, DDP --------------------------------------------------------
 
 
 class UserError(Exception):
-    """Bad input from the user. `run_cli` prints it as one line and exits with status 2."""
+    """Bad input from the user: `run_cli` prints it as one `error: ...` line and exits with status 2."""
 
 
 def run_cli(main, args_class, argv=None):
-    """Parse `argv` into `args_class` with HfArgumentParser, run `main(args)` and turn a
-    `UserError` into one `error: ...` line on stderr with exit status 2 (no traceback)."""
+    """Parse `argv` into `args_class` (HfArgumentParser) and run `main(args)`; a UserError exits 2, no traceback."""
     from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(args_class)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
     try:
         return main(args)
     except UserError as e:
@@ -56,13 +51,8 @@ def args_to_dict(args) -> dict:
     return dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
 
 
-# ----------------------------------------------------------------------------------------------
-# Seeding, devices, precision, DDP
-
-
 def set_seed(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch once. `deterministic` asks torch for deterministic kernels
-    (bitwise reproducibility on GPU is still not promised)."""
+    """Seed python, numpy and torch; `deterministic` also asks torch for deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -72,8 +62,8 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; a named device that this machine lacks is a UserError."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    """'auto' picks cuda, then mps, then cpu; a named device this machine lacks is a UserError."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
@@ -85,18 +75,14 @@ def get_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where the offline demos cache their corpus and teachers: `cache_dir`, else
-    $XDG_CACHE_HOME/bert-distill, else ~/.cache/bert-distill."""
-    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")
-    return Path(root).expanduser()
-
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast when asked for (CUDA or CPU), else a no-op context."""
-    if bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where the offline demos cache data and teachers: `cache_dir`, else $XDG_CACHE_HOME (~/.cache)/bert-distill."""
+    return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
 
 
 @dataclasses.dataclass
@@ -115,7 +101,7 @@ class Dist:
 
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP: on when torchrun sets RANK/WORLD_SIZE (nccl on CUDA, gloo on CPU)."""
+    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(), get_device(device_name)
     dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -129,13 +115,12 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
 
 @contextlib.contextmanager
 def main_process_first(dist: Dist):
-    """Rank 0 runs the block first (downloads, caches, tokenisation); the other ranks wait for it and
-    then run the same block, which now reads rank 0's files. A failure on rank 0 still releases them."""
+    """Rank 0 runs the block first (downloads, caches); the others then run it on rank 0's files."""
     if dist.enabled and not dist.is_main:
         torch.distributed.barrier()
     try:
         yield
-    finally:
+    finally:  # a failure on rank 0 still releases the others
         if dist.enabled and dist.is_main:
             torch.distributed.barrier()
 
@@ -145,95 +130,72 @@ def cleanup_distributed(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading models, tokenizers and datasets from a local path or the Hub
+# ---- Models and datasets from a local path, the cache or the Hub, with one-line errors -------------------------------
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable() -> bool:
+    """Without this check an offline `from_pretrained` retries for ~25 s before failing."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct probe says nothing: let the real request decide
+        return True  # behind a proxy a direct connection says nothing: let the real request decide
+    from huggingface_hub import constants
     try:
-        from huggingface_hub import constants
-
-        host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    except Exception:  # an old or unusual huggingface_hub: fall back to the public host
-        host = "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
         return True
     except OSError:
         return False
 
 
-def _looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `namespace/name`; anything else is meant as a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
-    """`cls.from_pretrained(name_or_path)` with one-line errors.
-
-    A local folder loads directly. A hub id is tried from the local cache first, then from the Hub;
-    when it is in neither and the Hub is unreachable, the error names the flag that takes a local
-    path instead. `what` ("teacher", "tokenizer", ...) and `flag` ("--teacher") word the message.
-    """
+    """`cls.from_pretrained` from a local folder, else the cache, else the Hub; errors name `what` and `flag`."""
     path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
     if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
         try:
             return cls.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load {what} from '{name_or_path}': {first}") from None
-    if _looks_like_path(name_or_path):
+            raise UserError(f"cannot load {what} from '{name_or_path}': {_first_line(e)}") from None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         raise UserError(f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
-    try:
+    try:  # a hub id (`name` or `namespace/name`): the cache first
         return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise UserError(
-            f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the Hub is "
-            f"unreachable; pass a local model folder to {flag}"
-        )
+        raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the Hub "
+                        f"is unreachable; pass a local model folder to {flag}")
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} '{name_or_path}': {first}") from None
+        raise UserError(f"cannot load {what} '{name_or_path}': {_first_line(e)}") from None
 
 
 def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
-    """`datasets.load_dataset(name, config)` from the cache or the Hub, with a one-line error naming
-    the local-file flags to use instead when the Hub cannot be reached."""
+    """`datasets.load_dataset(name, config)` from the cache or the Hub; errors name the local-file flags instead."""
     import datasets
-
     try:
         return datasets.load_dataset(name, config, download_mode="reuse_cache_if_exists", **kwargs)
     except Exception:
         if not _hub_reachable():
-            raise UserError(
-                f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
-                f"pass {flag_hint} instead"
-            ) from None
+            raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
+                            f"pass {flag_hint} instead") from None
     try:
         return datasets.load_dataset(name, config, **kwargs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset '{name}' ({config}): {first}") from None
+        raise UserError(f"cannot load dataset '{name}' ({config}): {_first_line(e)}") from None
 
 
 def require_file(path: str | None, flag: str) -> None:
-    """A readable, non-empty file, or a UserError naming the flag."""
-    if path is None:
-        return
-    p = Path(path)
-    if not p.is_file():
+    """None, or a non-empty file; otherwise a UserError naming the flag."""
+    if path is not None and not Path(path).is_file():
         raise UserError(f"{flag} '{path}' does not exist")
-    if p.stat().st_size == 0:
+    if path is not None and Path(path).stat().st_size == 0:
         raise UserError(f"{flag} '{path}' is empty")
 
 
