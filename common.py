@@ -199,8 +199,7 @@ def require_file(path: str | None, flag: str) -> None:
         raise UserError(f"{flag} '{path}' is empty")
 
 
-# ----------------------------------------------------------------------------------------------
-# Layer alignment: which teacher blocks initialise which student blocks
+# ---- The teacher -> student layer map --------------------------------------------------------------------------------
 
 
 def parse_layers(text: str) -> list[int]:
@@ -212,8 +211,7 @@ def parse_layers(text: str) -> list[int]:
 
 
 def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
-    """Evenly spaced teacher blocks, first and last included: for 12 -> 6 this is the official
-    DistilBERT / Causal-Distill choice [0, 2, 4, 7, 9, 11]."""
+    """Evenly spaced teacher blocks, first and last included: 12 -> 6 gives DistilBERT's [0, 2, 4, 7, 9, 11]."""
     if num_student_layers == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
@@ -221,54 +219,34 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
 
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """A copy of `teacher` (same class and width) that keeps only the encoder blocks in `layers`,
-    in that order. Embeddings, pooler and task/MLM heads are copied whole."""
+    """The teacher with only the encoder blocks `layers`, in that order. Every other tensor (embeddings, pooler,
+    task or MLM head) is copied under its own name."""
     n = teacher.config.num_hidden_layers
-    bad = [layer for layer in layers if not 0 <= layer < n]
-    if not layers or bad:
+    if not layers or any(not 0 <= layer < n for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(layers)
     student = teacher.__class__(config)
-    source = teacher.state_dict()
-    mapped = {}
+    teacher_weights = teacher.state_dict()
+    weights = {}
     for key in student.state_dict():
-        if ".encoder.layer." in key:
+        key_in_teacher = key
+        if ".encoder.layer." in key:  # student block i <- teacher block layers[i]
             prefix, rest = key.split(".encoder.layer.", 1)
             index, tail = rest.split(".", 1)
             key_in_teacher = f"{prefix}.encoder.layer.{layers[int(index)]}.{tail}"
-        else:
-            key_in_teacher = key
-        mapped[key] = source[key_in_teacher].clone()
-    student.load_state_dict(mapped, strict=True)
+        weights[key] = teacher_weights[key_in_teacher].clone()
+    student.load_state_dict(weights, strict=True)
     return student
 
 
-# ----------------------------------------------------------------------------------------------
-# Outputs and checkpoints: everything is written to a temporary name, then renamed
+# ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
 
 
 def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def save_model(output_dir: str | Path, model, tokenizer) -> None:
-    """`save_pretrained` model and tokenizer into a temporary sibling folder, then move the files in,
-    so `output_dir` never holds half a model."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    # The weights move last: a folder with weights is always a complete model.
-    for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):
-        os.replace(f, output_dir / f.name)
-    tmp.rmdir()
 
 
 def unwrap(model):
@@ -276,83 +254,84 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save_model(output_dir: str | Path, model, tokenizer) -> None:
+    """save_pretrained into `output_dir/.saving`, then move the files in, weights last: never half a model."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for file in sorted(tmp.iterdir(), key=lambda file: file.suffix == ".safetensors"):
+        os.replace(file, output_dir / file.name)
+    tmp.rmdir()
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
                     keep: int = 2) -> Path:
-    """`output_dir/checkpoint-<step>/`: the model (save_pretrained, safetensors), tokenizer and
-    `training_state.pt` (optimizer, scheduler, RNG states and whatever `state` holds, e.g. the data
-    position). Written under a temporary name and renamed; only the newest `keep` are kept."""
+    """`output_dir/checkpoint-<step>/`: model, tokenizer and `training_state.pt` (optimizer, scheduler, RNGs and
+    `state`). Only the newest `keep` checkpoints stay."""
     output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **state}, tmp / "training_state.pt")
+    save_model(tmp, model, tokenizer)
+    kind, keys, *rest = np.random.get_state()  # keys as a tensor: loadable with weights_only=True
+    rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), *rest),
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state},
+               tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = _checkpoints(output_dir)
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    for old in _checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore what `save_checkpoint` wrote into `model`, `optimizer`, `scheduler` and the RNGs;
-    return the rest of the saved state. Weights come from safetensors, the rest with
-    `weights_only=True`. A missing or corrupt checkpoint is a one-line UserError."""
+    """Restore `save_checkpoint`'s model, optimizer, scheduler and RNGs; return the rest of its state."""
     from safetensors.torch import load_file
-
     path = Path(path)
-    weights, state_file = path / "model.safetensors", path / "training_state.pt"
-    if not weights.is_file() or not state_file.is_file():
+    if not (path / "model.safetensors").is_file() or not (path / "training_state.pt").is_file():
         raise UserError(f"checkpoint '{path}' has no model.safetensors and training_state.pt; "
                         f"pass a checkpoint-<step> folder to --resume_from_checkpoint")
     try:
-        tensors = load_file(str(weights))
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        tensors = load_file(str(path / "model.safetensors"))
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); pass another one") from None
     bare = unwrap(model)
     missing, unexpected = bare.load_state_dict(tensors, strict=False)
-    # Tied weights (the MLM decoder shares the word embeddings) are saved once; anything else missing
-    # means the checkpoint belongs to another model.
-    tied = set(getattr(bare, "_tied_weights_keys", None) or [])
+    tied = set(getattr(bare, "_tied_weights_keys", None) or [])  # saved once: the MLM decoder = word embeddings
     if unexpected or any(k not in tied and "decoder" not in k for k in missing):
         raise UserError(f"checkpoint '{path}' does not match this model (missing {list(missing)[:3]}, "
                         f"unexpected {list(unexpected)[:3]})")
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
-    set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = _checkpoints(output_dir)
+    return found[-1] if found else None
+
+
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
-    """--resume_from_checkpoint: None -> None; 'latest' -> the newest checkpoint-<step> in output_dir;
-    a folder -> that folder. Anything that is not a checkpoint is a UserError."""
+    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-<step> in output_dir) or a checkpoint folder."""
     if value is None:
         return None
     path = latest_checkpoint(output_dir) if value == "latest" else Path(value)
@@ -371,16 +350,6 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
     if finished and not overwrite and not resuming:
         raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
                         f"--resume_from_checkpoint or another folder")
-
-
-def _checkpoints(output_dir: str | Path) -> list[Path]:
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = _checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------------------------
