@@ -352,13 +352,7 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
                         f"--resume_from_checkpoint or another folder")
 
 
-# ----------------------------------------------------------------------------------------------
-# Task data and scoring
-#
-# GLUE tasks are described once here so that `adkd_distill.py` (distillation on a task) and
-# `eval_tasks.py` (fine-tuning any model on a task) read the same data the same way. Column names
-# and label orders are the Hugging Face Hub's `glue` dataset's; the metric names are those of the
-# Hugging Face `evaluate` metrics (`glue`, `squad`, `seqeval`), so numbers line up with run_glue.py.
+# ---- GLUE data: the Hub's `glue` column names and label orders -------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,13 +361,11 @@ class GlueTask:
     sentence_keys: tuple[str, ...]  # hub column names of the one or two input texts
     label_names: tuple[str, ...]  # in the hub's ClassLabel order; () for the regression task STS-B
     num_labels: int  # 1 for STS-B (regression)
-    metric_for_best: str  # the key of glue_metrics() used to pick the best epoch (AD-KD §2.5)
-    folder: str  # folder name in the official GLUE distribution (glue_data/<folder>/)
-    # hub split name -> file name in the official distribution; "validation" is always the dev set
-    # that model selection uses (MNLI: matched), further dev sets follow it.
+    metric_for_best: str  # the glue_metrics() key that picks the best epoch
+    folder: str  # glue_data/<folder>/ in the official GLUE distribution
+    # split -> official file; "validation" is the dev set for model selection (MNLI: matched), others follow it
     files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
-    # Official TSV layout: hub column -> header name in the file (CoLA has no header: column index).
-    tsv_columns: tuple[tuple[str, str | int], ...] = ()
+    tsv_columns: tuple[tuple[str, str | int], ...] = ()  # hub column -> official TSV header (CoLA: column index)
 
     @property
     def is_regression(self) -> bool:
@@ -384,31 +376,28 @@ class GlueTask:
         return [split for split, _ in self.files if split != "train"]
 
 
-GLUE_TASKS: dict[str, GlueTask] = {
-    t.name: t
-    for t in [
-        GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), 2, "matthews_correlation", "CoLA",
-                 tsv_columns=(("label", 1), ("sentence", 3))),  # source, label, original label, sentence
-        GlueTask("sst2", ("sentence",), ("negative", "positive"), 2, "accuracy", "SST-2",
-                 tsv_columns=(("sentence", "sentence"), ("label", "label"))),
-        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), 2, "f1", "MRPC",
-                 tsv_columns=(("sentence1", "#1 String"), ("sentence2", "#2 String"), ("label", "Quality"))),
-        GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), 2, "accuracy", "QQP",
-                 tsv_columns=(("question1", "question1"), ("question2", "question2"), ("label", "is_duplicate"))),
-        GlueTask("stsb", ("sentence1", "sentence2"), (), 1, "spearmanr", "STS-B",
-                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "score"))),
-        GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), 3, "accuracy",
-                 "MNLI", files=(("train", "train.tsv"), ("validation", "dev_matched.tsv"),
-                                ("validation_mismatched", "dev_mismatched.tsv")),
-                 tsv_columns=(("premise", "sentence1"), ("hypothesis", "sentence2"), ("label", "gold_label"))),
-        GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), 2, "accuracy", "QNLI",
-                 tsv_columns=(("question", "question"), ("sentence", "sentence"), ("label", "label"))),
-        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), 2, "accuracy", "RTE",
-                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
-        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), 2, "accuracy", "WNLI",
-                 tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
-    ]
-}
+GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
+    GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), 2, "matthews_correlation", "CoLA",
+             tsv_columns=(("label", 1), ("sentence", 3))),  # no header: source, label, original label, sentence
+    GlueTask("sst2", ("sentence",), ("negative", "positive"), 2, "accuracy", "SST-2",
+             tsv_columns=(("sentence", "sentence"), ("label", "label"))),
+    GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), 2, "f1", "MRPC",
+             tsv_columns=(("sentence1", "#1 String"), ("sentence2", "#2 String"), ("label", "Quality"))),
+    GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), 2, "accuracy", "QQP",
+             tsv_columns=(("question1", "question1"), ("question2", "question2"), ("label", "is_duplicate"))),
+    GlueTask("stsb", ("sentence1", "sentence2"), (), 1, "spearmanr", "STS-B",
+             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "score"))),
+    GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), 3, "accuracy", "MNLI",
+             files=(("train", "train.tsv"), ("validation", "dev_matched.tsv"),
+                    ("validation_mismatched", "dev_mismatched.tsv")),
+             tsv_columns=(("premise", "sentence1"), ("hypothesis", "sentence2"), ("label", "gold_label"))),
+    GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), 2, "accuracy", "QNLI",
+             tsv_columns=(("question", "question"), ("sentence", "sentence"), ("label", "label"))),
+    GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), 2, "accuracy", "RTE",
+             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
+    GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), 2, "accuracy", "WNLI",
+             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
+]}
 
 
 def glue_task(task: str) -> GlueTask:
@@ -418,64 +407,55 @@ def glue_task(task: str) -> GlueTask:
 
 
 def _glue_label(spec: GlueTask, value, where: str):
-    """A label as written in a file -> the hub's id (int) or score (float, STS-B)."""
+    """A label as written in a file (a name or an id; STS-B: a score) -> the hub's id, or the score as a float."""
     text = str(value).strip()
-    if spec.is_regression:
-        try:
-            return float(text)
-        except ValueError:
-            raise UserError(f"{where}: STS-B score '{text}' is not a number") from None
     if text in spec.label_names:
         return spec.label_names.index(text)
     try:
-        as_number = float(text)
+        number = float(text)
     except ValueError:
-        as_number = None
-    if as_number is not None and as_number.is_integer() and 0 <= int(as_number) < spec.num_labels:
-        return int(as_number)
+        number = None
+    if spec.is_regression and number is None:
+        raise UserError(f"{where}: STS-B score '{text}' is not a number")
+    if spec.is_regression:
+        return number
+    if number is not None and number.is_integer() and 0 <= number < spec.num_labels:
+        return int(number)
     raise UserError(f"{where}: label '{text}' is not a {spec.name} label; expected one of "
                     f"{list(spec.label_names)} or an id 0..{spec.num_labels - 1}")
 
 
 def _read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
-    """One file of the official GLUE distribution. The files are tab-separated and NOT quoted (a
-    sentence may hold a lone `"`), hence QUOTE_NONE. Rows with the wrong number of fields are
-    skipped and counted, as the Hub's own glue loader drops corrupted rows; a file whose header
-    does not fit the task, or that has no usable row, is an error naming its first bad line."""
-    import csv
-
-    columns = dict(spec.tsv_columns)
+    """An official GLUE file: tab-separated, NOT quoted (a sentence may hold a lone `"`). Rows with the wrong number
+    of fields are skipped and counted, as the Hub's glue loader drops them."""
     out = {name: [] for name in (*spec.sentence_keys, "label")}
+    index, width, start = dict(spec.tsv_columns), 4, 1  # CoLA: no header, 4 columns
     skipped, first_bad = 0, None
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC ships with a BOM
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if all(isinstance(c, int) for c in columns.values()):  # CoLA: no header
-            width, index = 4, columns
-            start = 1
-        else:
+        if not all(isinstance(column, int) for column in index.values()):
             header = next(rows, [])
-            missing = [c for c in columns.values() if c not in header]
+            missing = [column for column in index.values() if column not in header]
             if missing:
                 raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
                                 f"GLUE {spec.folder} layout")
-            width, index = len(header), {name: header.index(col) for name, col in columns.items()}
+            index = {name: header.index(column) for name, column in index.items()}
+            width, start = len(header), 2
             if spec.name in ("mnli", "stsb"):  # the gold label is the last column
                 index["label"] = -1
-            start = 2
         for lineno, row in enumerate(rows, start=start):
-            if not row or row == [""]:
+            if row in ([], [""]):
                 continue
             if len(row) != width:
                 skipped += 1
                 first_bad = first_bad or (lineno, len(row))
                 continue
-            where = f"{path}, line {lineno}"
             for name in spec.sentence_keys:
                 out[name].append(row[index[name]])
-            out["label"].append(_glue_label(spec, row[index["label"]], where))
+            out["label"].append(_glue_label(spec, row[index["label"]], f"{path}, line {lineno}"))
     if not out["label"]:
-        detail = f"line {first_bad[0]} has {first_bad[1]} tab-separated fields, expected {width}" if first_bad \
-            else "it has no data rows"
+        detail = (f"line {first_bad[0]} has {first_bad[1]} tab-separated fields, expected {width}" if first_bad
+                  else "it has no data rows")
         raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE "
                         f"{spec.folder} layout")
     if skipped:
@@ -484,19 +464,19 @@ def _read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
 
 
 def _read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
-    """A user file with the hub column names: CSV with a header, JSON lines, or a JSON list."""
-    import csv
-
+    """A user file with the hub column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
     needed = (*spec.sentence_keys, "label")
-    out = {name: [] for name in needed}
-    if path.suffix.lower() in (".json", ".jsonl"):
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            records = list(enumerate(csv.DictReader(f), start=2))
+    else:
         text = path.read_text(encoding="utf-8")
         try:
-            records = json.loads(text)  # a JSON list, {"data": [...]}, or a single JSON-lines record
+            records = json.loads(text)  # a JSON list, {"data": [...]}, or a one-line JSON-lines file
             if isinstance(records, dict):
                 records = records["data"] if isinstance(records.get("data"), list) else [records]
-            records = [(i + 1, r) for i, r in enumerate(records)]  # "line" = record number here
-        except json.JSONDecodeError:
+            records = list(enumerate(records, start=1))  # "line" = record number here
+        except json.JSONDecodeError:  # JSON lines
             records = []
             for lineno, line in enumerate(text.splitlines(), start=1):
                 if line.strip():
@@ -505,16 +485,14 @@ def _read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
                     except json.JSONDecodeError:
                         raise UserError(f"{path}, line {lineno}: not JSON; expected one JSON object per line "
                                         f"with keys {list(needed)}") from None
-    else:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            records = list(enumerate(csv.DictReader(f), start=2))
+    out = {name: [] for name in needed}
     for lineno, record in records:
-        where = f"{path}, line {lineno}"
-        if not isinstance(record, dict) or any(record.get(k) is None for k in needed):
-            raise UserError(f"{where}: needs the columns {list(needed)} (the hub's {spec.name} column names)")
+        if not isinstance(record, dict) or any(record.get(key) is None for key in needed):
+            raise UserError(f"{path}, line {lineno}: needs the columns {list(needed)} (the hub's {spec.name} "
+                            f"column names)")
         for name in spec.sentence_keys:
             out[name].append(str(record[name]))
-        out["label"].append(_glue_label(spec, record["label"], where))
+        out["label"].append(_glue_label(spec, record["label"], f"{path}, line {lineno}"))
     if not out["label"]:
         raise UserError(f"{path}: no rows; expected columns {list(needed)}")
     return out
@@ -522,61 +500,47 @@ def _read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
 
 def load_glue(task: str, data_dir: str | None = None, train_file: str | None = None,
               validation_file: str | None = None):
-    """A GLUE task as a `datasets.DatasetDict` with splits "train" and "validation" (MNLI: matched)
-    (+ "validation_mismatched" for MNLI), columns = the hub's text columns + "label" (int id; float
-    score for STS-B).
-
-    Each split comes from, in order: its file flag (`train_file` / `validation_file`: CSV or JSON
-    with the hub column names, or a .tsv in the official layout), else `data_dir` (the official GLUE
-    distribution: the task folder, or glue_data/ holding it), else the Hub's `glue` dataset.
-    """
+    """A GLUE task as a DatasetDict: the splits of `GlueTask.files`, the hub's text columns + "label" (an id; STS-B:
+    a float). Each split comes from its file flag (CSV/JSON with hub columns, or an official .tsv), else `data_dir`
+    (the official task folder, or glue_data/ holding it), else the Hub."""
     import datasets
-
     spec = glue_task(task)
-    for path, flag in ((train_file, "--train_file"), (validation_file, "--validation_file")):
-        require_file(path, flag)
+    require_file(train_file, "--train_file")
+    require_file(validation_file, "--validation_file")
     folder = None
     if data_dir is not None:
-        root = Path(data_dir)
-        if not root.is_dir():
+        if not Path(data_dir).is_dir():
             raise UserError(f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
-        folder = root / spec.folder if (root / spec.folder).is_dir() else root
+        folder = Path(data_dir) / spec.folder if (Path(data_dir) / spec.folder).is_dir() else Path(data_dir)
     given = {"train": train_file, "validation": validation_file}
-
-    columns: dict[str, dict[str, list]] = {}
+    label = datasets.Value("float32" if spec.is_regression else "int64")
+    features = datasets.Features({**{key: datasets.Value("string") for key in spec.sentence_keys}, "label": label})
+    result = {}
     for split, file_name in spec.files:
         if given.get(split):
             path = Path(given[split])
             reader = _read_glue_tsv if path.suffix.lower() == ".tsv" else _read_glue_table
-            columns[split] = reader(spec, path)
+            result[split] = datasets.Dataset.from_dict(reader(spec, path), features=features)
         elif folder is not None:
-            path = folder / file_name
-            if not path.is_file():
+            if not (folder / file_name).is_file():
                 flag = "--train_file" if split == "train" else "--validation_file"
-                raise UserError(f"--data_dir: {path} is missing (official GLUE {spec.folder} layout: "
+                raise UserError(f"--data_dir: {folder / file_name} is missing (official GLUE {spec.folder} layout: "
                                 f"{', '.join(n for _, n in spec.files)}); pass the {spec.folder} folder or {flag}")
-            columns[split] = _read_glue_tsv(spec, path)
-
-    label_feature = datasets.Value("float32") if spec.is_regression else datasets.Value("int64")
-    features = datasets.Features({**{k: datasets.Value("string") for k in spec.sentence_keys}, "label": label_feature})
-    result = {split: datasets.Dataset.from_dict(cols, features=features) for split, cols in columns.items()}
-
+            result[split] = datasets.Dataset.from_dict(_read_glue_tsv(spec, folder / file_name), features=features)
     missing = [split for split, _ in spec.files if split not in result]
     if missing:
-        hub = load_hub_dataset("nyu-mll/glue", task, "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
-        hub_names = {"validation": "validation_matched"} if task == "mnli" else {}
+        hub = load_hub_dataset("nyu-mll/glue", task,
+                               "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
         for split in missing:
-            ds = hub[hub_names.get(split, split)].select_columns([*spec.sentence_keys, "label"])
-            result[split] = ds.cast(features)
+            hub_split = "validation_matched" if (task, split) == ("mnli", "validation") else split
+            result[split] = hub[hub_split].select_columns([*spec.sentence_keys, "label"]).cast(features)
     return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
 
 
 def demo_polarity(fold: int = 0):
-    """The offline demo's SST-2-style data: the 200 real movie-review sentences (100 positive, 100
-    negative) that gensim ships as `pang_lee_polarity.cor`, in the hub's sst2 columns (sentence,
-    label). Sentence i is dev when i % 5 == fold (40 dev, 160 train); folds 0..4 cover every sentence."""
+    """The offline demo's SST-2-style data: gensim's 200 movie-review sentences (pang_lee_polarity.cor, 100 positive,
+    100 negative) as columns sentence, label. Sentence i is dev when i % 5 == fold (160 train, 40 dev)."""
     import datasets
-
     try:
         from gensim.test.utils import datapath
     except ImportError:
@@ -587,8 +551,8 @@ def demo_polarity(fold: int = 0):
     text = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252")  # 0x97 is an em dash
     rows = [line.split(" ", 1) for line in text.splitlines() if line.strip()]
     features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")})
-    splits = {"train": [r for i, r in enumerate(rows) if i % 5 != fold],
-              "validation": [r for i, r in enumerate(rows) if i % 5 == fold]}
+    splits = {"train": [row for i, row in enumerate(rows) if i % 5 != fold],
+              "validation": [row for i, row in enumerate(rows) if i % 5 == fold]}
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
         {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]},
         features=features) for split, part in splits.items()})
