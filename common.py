@@ -558,26 +558,23 @@ def demo_polarity(fold: int = 0):
         features=features) for split, part in splits.items()})
 
 
-# ---- scoring
+# ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
 
 def _as_array(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x)
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def matthews_correlation(predictions, labels) -> float:
-    """Matthews correlation (multi-class form; the usual tp·tn − fp·fn formula for two classes).
-    0 when it is undefined, e.g. a constant prediction, as sklearn does."""
+    """Multi-class Matthews correlation (tp·tn − fp·fn form for two classes); 0 when undefined, as sklearn."""
     p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
     classes = np.union1d(p, y)
     confusion = np.array([[np.sum((y == a) & (p == b)) for b in classes] for a in classes], dtype=float)
-    t_k, p_k = confusion.sum(1), confusion.sum(0)  # true / predicted count per class
+    t, q = confusion.sum(1), confusion.sum(0)  # true / predicted count per class
     n, correct = confusion.sum(), np.trace(confusion)
-    # MCC = (c·n − Σ_k t_k p_k) / sqrt((n² − Σ_k p_k²)(n² − Σ_k t_k²))
-    denominator = np.sqrt((n * n - p_k @ p_k) * (n * n - t_k @ t_k))
-    return float((correct * n - t_k @ p_k) / denominator) if denominator > 0 else 0.0
+    # MCC = (c·n − Σ_k t_k q_k) / sqrt((n² − Σ_k q_k²)(n² − Σ_k t_k²))
+    denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
+    return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
 
 
 def binary_f1(predictions, labels) -> float:
@@ -597,18 +594,9 @@ def pearson(x, y) -> float:
 
 def average_ranks(x) -> np.ndarray:
     """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata 'average')."""
-    x = _as_array(x).astype(float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    sorted_x = x[order]
-    start = 0
-    while start < len(x):
-        end = start
-        while end + 1 < len(x) and sorted_x[end + 1] == sorted_x[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1  # mean of ranks start+1 .. end+1
-        start = end + 1
-    return ranks
+    _, group, counts = np.unique(_as_array(x).astype(float), return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # of each group of equal values; its ranks are last - count + 1 .. last
+    return (last_rank - (counts - 1) / 2)[group]
 
 
 def spearman(x, y) -> float:
@@ -617,86 +605,60 @@ def spearman(x, y) -> float:
 
 
 def glue_metrics(task: str, predictions, labels) -> dict:
-    """Scores with the Hugging Face `glue` metric's key names, values in 0..1.
-
-    `predictions` are class ids (STS-B: scores); logits of shape (N, C) are accepted too and turned
-    into ids by argmax. cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
-    accuracy, f1 (positive class = paraphrase / duplicate); every other task -> accuracy.
-    """
+    """The `glue` metric's keys, in 0..1: cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
+    accuracy, f1; others -> accuracy. Predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
     task = {"mnli_matched": "mnli", "mnli_mismatched": "mnli", "mnli-mm": "mnli"}.get(task, task)
     spec = glue_task(task)
     p, y = _as_array(predictions), _as_array(labels)
     if spec.is_regression:
         p = p.reshape(len(y), -1)[:, 0] if p.ndim > 1 else p
         return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
-    if p.ndim > 1:
-        p = p.argmax(-1)
+    p = p.argmax(-1) if p.ndim > 1 else p
     if len(p) != len(y):
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if task == "cola":
         return {"matthews_correlation": matthews_correlation(p, y)}
     accuracy = float(np.mean(p.astype(int) == y.astype(int))) if len(y) else 0.0
-    if task in ("mrpc", "qqp"):
-        return {"accuracy": accuracy, "f1": binary_f1(p, y)}
-    return {"accuracy": accuracy}
+    return {"accuracy": accuracy, "f1": binary_f1(p, y)} if task in ("mrpc", "qqp") else {"accuracy": accuracy}
 
 
 def normalize_answer(text: str) -> str:
-    """The official SQuAD v1.1 normalisation: lower case, drop punctuation, drop the articles
-    a/an/the, collapse whitespace (in that order)."""
-    import re
-    import string
-
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _answer_f1(prediction: str, gold: str) -> float:
-    """Bag-of-tokens F1 between two normalised answers (0 when they share no token)."""
-    import collections
-
-    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+    """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
-    """SQuAD v1.1 `exact_match` and `f1` in 0..100, as the official script: each question scores its
-    best gold answer, questions are averaged. A question with no prediction scores 0."""
-    if not references:
-        return {"exact_match": 0.0, "f1": 0.0}
-    em = f1 = 0.0
+    """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
+    answer (bag-of-tokens F1), questions are averaged; a question with no prediction scores 0."""
+
+    def f1(prediction: str, gold: str) -> float:
+        prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+        same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(prediction_tokens), same / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+
+    em = f1_sum = 0.0
     for qid, golds in references.items():
         prediction = predictions.get(qid, "")
-        em += max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
-        f1 += max(_answer_f1(prediction, g) for g in golds)
-    return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1 / len(references)}
-
-
-def _split_tag(tag: str) -> tuple[str, str]:
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '')."""
-    if tag == "O" or not tag:
-        return "O", ""
-    prefix, _, kind = tag.partition("-")
-    return (prefix, kind) if kind else ("I", prefix)  # a bare type ('PER') reads as inside
+        em += max(float(normalize_answer(prediction) == normalize_answer(gold)) for gold in golds)
+        f1_sum += max(f1(prediction, gold) for gold in golds)
+    n = max(len(references), 1)  # no questions: both scores 0
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
 
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, first, last) of each entity in one sentence, by the conlleval rules, which read IOB1,
-    IOB2 (and IOBES) alike: an entity starts at B/S, or at an I/E that does not continue an entity
-    of the same type; it ends before an O, a B/S, or a different type, and after an E/S."""
-    spans, start, kind = set(), None, ""
-    previous = "O"
+    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2 and IOBES
+    alike (conlleval.pl agrees on IOB1/IOB2 but has no S- rule): an entity starts at B/S or at an I/E that does not
+    continue one of its type; it ends before an O, a B/S or another type, and after an E/S."""
+    spans, start, kind, previous = set(), None, "", "O"
     for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
-        prefix, this_kind = _split_tag(tag)
-        continues = (start is not None and this_kind == kind and prefix in ("I", "E")
-                     and previous in ("B", "I"))
+        prefix, _, this_kind = tag.partition("-") if tag and tag != "O" else ("O", "", "")
+        if prefix != "O" and not this_kind:  # a bare type ('PER') reads as inside
+            prefix, this_kind = "I", prefix
+        continues = start is not None and this_kind == kind and prefix in ("I", "E") and previous in ("B", "I")
         if start is not None and not continues:
             spans.add((kind, start, i - 1))
             start = None
@@ -710,18 +672,17 @@ def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
 
 
 def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict:
-    """Entity-level micro `precision`, `recall`, `f1` (an entity counts only with its exact type and
-    boundaries; equal to seqeval's default, conlleval-compatible mode) and token `accuracy`."""
-    tp = n_pred = n_gold = correct_tokens = n_tokens = 0
-    for pred_tags, gold_tags in zip(predictions, references, strict=True):
-        if len(pred_tags) != len(gold_tags):
-            raise ValueError(f"a sentence has {len(pred_tags)} predicted tags but {len(gold_tags)} gold tags")
-        pred_spans, gold_spans = entity_spans(pred_tags), entity_spans(gold_tags)
-        tp += len(pred_spans & gold_spans)
-        n_pred, n_gold = n_pred + len(pred_spans), n_gold + len(gold_spans)
-        correct_tokens += sum(p == g for p, g in zip(pred_tags, gold_tags))
+    """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
+    tp = n_predicted = n_gold = correct_tokens = n_tokens = 0
+    for predicted_tags, gold_tags in zip(predictions, references, strict=True):
+        if len(predicted_tags) != len(gold_tags):
+            raise ValueError(f"a sentence has {len(predicted_tags)} predicted tags but {len(gold_tags)} gold tags")
+        predicted_spans, gold_spans = entity_spans(predicted_tags), entity_spans(gold_tags)
+        tp += len(predicted_spans & gold_spans)
+        n_predicted, n_gold = n_predicted + len(predicted_spans), n_gold + len(gold_spans)
+        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags))
         n_tokens += len(gold_tags)
-    precision = tp / n_pred if n_pred else 0.0
+    precision = tp / n_predicted if n_predicted else 0.0
     recall = tp / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {"precision": precision, "recall": recall, "f1": f1,

@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast in tests, not retry for a minute
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast in tests, not retry for ~25 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = (

@@ -124,7 +124,7 @@ def test_squad_max_over_golds_and_missing_prediction():
     assert out["exact_match"] == pytest.approx(50.0) and out["f1"] == pytest.approx(50.0)
 
 
-# ---- CoNLL-2003 (entity level, conlleval rules)
+# ---- CoNLL-2003 (entity level, seqeval's default mode; conlleval.pl agrees on IOB1/IOB2)
 
 
 def test_conll_iob1_runs():
@@ -140,7 +140,7 @@ def test_conll_iob2_and_ill_formed_sequences():
     assert common.entity_spans("B-PER I-PER O B-LOC".split()) == {("PER", 0, 1), ("LOC", 3, 3)}
     # I- after O, and I- of another type, start a new entity (conlleval / seqeval default mode).
     assert common.entity_spans("O I-MISC B-PER I-LOC".split()) == {("MISC", 1, 1), ("PER", 2, 2), ("LOC", 3, 3)}
-    # IOBES is read too.
+    # IOBES is read too (seqeval's default mode; conlleval.pl has no S- rule).
     assert common.entity_spans("B-PER E-PER S-LOC".split()) == {("PER", 0, 1), ("LOC", 2, 2)}
 
 
