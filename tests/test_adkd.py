@@ -113,13 +113,22 @@ def write_glue(root: Path, task: str, n_train: int = 24, n_dev: int = 8, seed: i
 
 def value_at(model, input_ids, attention_mask, token_type_ids, target, scale: float):
     """F_i with the embedding output multiplied by `scale` (0 = the IG baseline)."""
-    handle = adkd.embedding_module(model).register_forward_hook(lambda m, i, o: o * scale)
+    handle = model.bert.embeddings.register_forward_hook(lambda m, i, o: o * scale)
     try:
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
     finally:
         handle.remove()
-    return adkd.ig_target(logits, target)
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] - target) ** 2
+    return -torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+
+
+def ig(model, input_ids, attention_mask, token_type_ids, target, **kwargs):
+    """integrated_gradients for one view (B,) -> (B, T, H)."""
+    views = target[None]  # (1, B)
+    attributions, _ = adkd.integrated_gradients(model, input_ids, attention_mask, token_type_ids, views, **kwargs)
+    return attributions[0]
 
 
 @pytest.mark.parametrize("num_labels", [3, 1])
@@ -139,9 +148,9 @@ def test_ig_completeness_and_convergence(tokenizer_dir, num_labels):
     assert delta.abs().min() > 1e-2, "degenerate fixture"
     errors = {}
     for steps in (2, 8, 64):
-        ig = adkd.integrated_gradients(model, ids, mask, types, target, steps=steps)  # (B, T, H)
-        assert ig.shape == (*ids.shape, model.config.hidden_size)
-        errors[steps] = ((ig.sum(dim=(1, 2)) - delta).abs() / delta.abs()).max().item()
+        attributions = ig(model, ids, mask, types, target, steps=steps)  # (B, T, H)
+        assert attributions.shape == (*ids.shape, model.config.hidden_size)
+        errors[steps] = ((attributions.sum(dim=(1, 2)) - delta).abs() / delta.abs()).max().item()
     assert errors[64] < 0.03, errors
     assert errors[64] < errors[8] < errors[2], errors
 
@@ -155,7 +164,7 @@ def test_ig_one_step_is_gradient_times_input(tokenizer_dir):
     F_i = -torch.log_softmax(out.logits, -1)[torch.arange(2), target]
     (grad,) = torch.autograd.grad(F_i.sum(), x)
     expected = grad * x
-    got = adkd.integrated_gradients(model, ids, mask, types, target, steps=1)
+    got = ig(model, ids, mask, types, target, steps=1)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-7)
     assert not got.requires_grad
 
@@ -164,7 +173,7 @@ def test_create_graph_trains_the_student(tokenizer_dir):
     model, tok = tiny_classifier(tokenizer_dir, 2)
     model.train()
     ids, mask, types = batch_of(tok, ["the film was very good", "a boring plot"])
-    attributions = adkd.integrated_gradients(model, ids, mask, types, torch.tensor([1, 0]), steps=2, create_graph=True)
+    attributions = ig(model, ids, mask, types, torch.tensor([1, 0]), steps=2, create_graph=True)
     assert attributions.requires_grad
     teacher_map = torch.rand(ids.shape) * mask
     teacher_map = teacher_map / teacher_map.norm(dim=-1, keepdim=True)
@@ -201,7 +210,7 @@ def test_attribution_loss_values():
 def test_two_class_views_are_the_same_map(tokenizer_dir):
     model, tok = tiny_classifier(tokenizer_dir, 2)
     ids, mask, types = batch_of(tok, ["the film was very good", "a boring plot"])
-    maps = [adkd.token_attribution(adkd.integrated_gradients(model, ids, mask, types, torch.full((2,), c)), mask)
+    maps = [adkd.token_attribution(ig(model, ids, mask, types, torch.full((2,), c)), mask)
             for c in (0, 1)]
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-6)
     assert len(adkd.view_targets(torch.tensor([1, 0]), 2)) == 1
@@ -229,12 +238,14 @@ def test_teacher_cache_matches_direct_computation(tokenizer_dir):
     assert maps.shape == (3, 3, ids.shape[1]) and logits.shape == (3, 3)
     for c in range(3):
         direct = adkd.token_attribution(
-            adkd.integrated_gradients(teacher, ids, mask, types, torch.full((3,), c), steps=2), mask, topk=20)
+            ig(teacher, ids, mask, types, torch.full((3,), c), steps=2), mask, topk=20)
         torch.testing.assert_close(maps[:, c], direct, rtol=1e-4, atol=1e-6)
     # a later batch with other padding reuses the entries: no teacher call
     calls = []
     handle = teacher.register_forward_hook(lambda *a: calls.append(1))
-    reordered = adkd.subset(batch, [2, 0])
+    rows = [2, 0]  # the same examples in another batch, padded to their own longest
+    T = int(mask[rows].sum(-1).max())
+    reordered = {k: v[rows][:, :T] if v.dim() == 2 else v[rows] for k, v in batch.items()}
     maps2, logits2 = cache(reordered)
     handle.remove()
     assert not calls
@@ -251,7 +262,7 @@ def test_adkd_loss_terms(tokenizer_dir):
     torch.manual_seed(0)
     config = tiny_config(len(tok), layers=2, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     student = BertForSequenceClassification(config).train()
-    student.set_attn_implementation("eager")  # as build_student: double backward through attention
+    student.set_attn_implementation("eager")  # as load_student: double backward through attention
     ids, mask, types = batch_of(tok, ["the film was very good", "a boring plot", "fun"])
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
              "labels": torch.tensor([0, 2, 1]), "index": torch.arange(3)}
