@@ -117,9 +117,9 @@ PRESETS = {
 }
 
 # ==============================================================================================
-# IIT: THE METHOD. Interventions are forward hooks on stock `transformers` BERT blocks: the output of block
-# l (hidden_states[l + 1]) is read in the source run and written in the counterfactual run. (The official
-# code reads hidden_states[l], the block's input, but writes its output: an off-by-one, fixed here.)
+# IIT: THE METHOD. The output of encoder block l (hidden_states[l + 1]) is read in the source run and written,
+# by a forward hook on stock `transformers` BERT, in the counterfactual run. (The official code reads
+# hidden_states[l], the block's input, but writes its output: an off-by-one, fixed here.)
 
 
 def get_activations(model, input_ids, attention_mask, layers) -> dict:
@@ -129,9 +129,8 @@ def get_activations(model, input_ids, attention_mask, layers) -> dict:
 
 
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
-    """The counterfactual run: `model` on the base input, where interventions = {l: (mask, values)} replaces
-    the output of block l at the (B, T) mask's True positions (row-major) by `values` (N, H) before block
-    l + 1 runs. Returns the model's output; gradients flow into `values`."""
+    """The counterfactual run: `model` on the base input, where interventions {l: (mask, values)} replace the
+    output of block l at the (B, T) mask's True positions (row-major) by `values` (N, H); grads flow into them."""
     blocks = model.base_model.encoder.layer
 
     def setter(mask, values):
@@ -155,12 +154,11 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions: di
 def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, seq_len: int, prop: float,
                       mode: str = "consecutive", base_candidates: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple:
-    """Which tokens are swapped: (base_mask, source_mask), (B, T) bool each, the same count per row, real
-    tokens only (the official random mode can pick padding). Row i swaps n_i = floor(prop * min(base_len_i,
-    source_len_i)) positions; the k-th source position feeds the k-th base position.
-      consecutive: a span of n_i at an independent random start in base and in source (the paper's runs);
-      random:      n_i positions drawn without replacement in each;
-      masked:      the base's MLM positions (`base_candidates`, capped by the source length), source random."""
+    """Which tokens are swapped: (base_mask, source_mask), (B, T) bool, real tokens only (the official random
+    mode can pick padding). Row i swaps n_i = floor(prop * min(base_len_i, source_len_i)) positions, the k-th
+    source one into the k-th base one. consecutive: a span at an independent random start in each (the paper's
+    runs); random: positions drawn without replacement in each; masked: the base's MLM positions
+    (`base_candidates`, at most the source length), random source positions."""
     if mode not in ("consecutive", "random", "masked"):
         raise ValueError(f"interchange mode '{mode}' is not one of consecutive, random, masked")
     base_mask = torch.zeros(len(base_lengths), seq_len, dtype=torch.bool)
@@ -378,8 +376,7 @@ def base_and_counterfactual(model, batch: dict, layers):
 
 
 def demo_corpus(cache: Path) -> tuple[Path, Path]:
-    """~100 Wikipedia articles (the excerpt gensim ships for its tests) as train/validation text files, one
-    paragraph per line, every 10th article for validation. Cached."""
+    """~100 Wikipedia articles shipped with gensim, one paragraph per line; every 10th article validates."""
     folder = cache / "demo-corpus-v1"
     train, valid = folder / "train.txt", folder / "validation.txt"
     if train.is_file() and valid.is_file():
@@ -406,8 +403,7 @@ def demo_corpus(cache: Path) -> tuple[Path, Path]:
 
 
 def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: int | None):
-    """One sequence per paragraph, [CLS] ... [SEP], cut into chunks of at most `max_len` tokens; sequences
-    under `min_len` tokens are dropped (official: under 12, most headings). Cached by datasets."""
+    """[CLS] paragraph [SEP] in chunks of at most `max_len` tokens; those under `min_len` are dropped."""
     cls, sep, body = tokenizer.cls_token_id, tokenizer.sep_token_id, max_len - 2
 
     def encode(batch):
@@ -424,8 +420,7 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
 
 
 def load_data(args: Args, tokenizer, dist, log):
-    """Tokenised train and validation sequences from --train_file/--validation_file or the hub dataset
-    --dataset_name (rank 0 tokenises first; the others read its cache)."""
+    """Tokenised train and validation sequences (rank 0 tokenises first; the others read its cache)."""
     import datasets
 
     with common.main_process_first(dist):
@@ -457,8 +452,7 @@ def load_data(args: Args, tokenizer, dist, log):
 
 
 def token_weights(train_ids, vocab_size: int, smoothing: float, special_ids) -> torch.Tensor:
-    """Masking weight per vocabulary id, max(count, 1)^-smoothing (official 0.7: rare words are masked more
-    often); special tokens get weight 0 and are never masked."""
+    """Masking weight max(count, 1)^-smoothing per vocabulary id (rare words masked more); 0 for specials."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(train_ids), 10_000):
         chunk = train_ids[start:start + 10_000]["input_ids"]
@@ -504,23 +498,6 @@ def pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[torch.Ten
         ids[i, :len(seq)] = torch.tensor(seq)
         attention[i, :len(seq)] = 1
     return ids, attention
-
-
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, rank: int,
-                           world_size: int) -> list[list[int]]:
-    """This rank's batches for one epoch: shuffle, sort within windows of 50 batches by length (less padding,
-    as the official group_by_size), shuffle the batches, deal them out to the ranks. Depends only on
-    (seed, epoch), so a resumed run sees the same order."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    batches = []
-    for start in range(0, len(order), 50 * batch_size):
-        chunk = order[start:start + 50 * batch_size]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-    usable = len(batches) // world_size * world_size  # every rank takes the same number of steps
-    return batches[rank:usable:world_size]
 
 
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
@@ -601,7 +578,8 @@ def demo_teacher(args: Args) -> Path:
             loss.backward()
             optimizer.step()
             if step % 40 == 0 or step == steps - 1:
-                print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}", flush=True)
+                print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}",
+                      flush=True)
     model.requires_grad_(True)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -612,10 +590,11 @@ def demo_teacher(args: Args) -> Path:
 
 
 def load_models(args: Args, dist, device, log):
-    """Tokenizer, teacher (frozen, eval), student (the teacher's embeddings, listed blocks and whole MLM head)
-    and the alignment groups (teacher blocks, student blocks)."""
+    """Tokenizer, teacher (frozen), student (initialised from it) and the alignment groups."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # no per-file bars when weights are loaded and saved
     with common.main_process_first(dist):  # the demo teacher is fitted, or a hub model downloaded, once
         if args.teacher is None:
             args.teacher = str(demo_teacher(args))
@@ -641,7 +620,8 @@ def load_models(args: Args, dist, device, log):
         groups = alignments(args.alignment, teacher.config.num_hidden_layers, student.config.num_hidden_layers)
     except ValueError as e:
         raise UserError(f"{e}; pass another --alignment") from None
-    log(f"teacher: {args.teacher} ({teacher.config.num_hidden_layers} blocks); student: its blocks {args.student_layers}")
+    log(f"teacher: {args.teacher} ({teacher.config.num_hidden_layers} blocks); student: its blocks "
+        f"{args.student_layers}")
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     return tokenizer, teacher, student, groups
@@ -652,8 +632,7 @@ def load_models(args: Args, dist, device, log):
 
 
 def resolve_args(args: Args) -> tuple[str, Path | None]:
-    """Pick the preset, fill the unset flags from it and check what can be checked cheaply, before anything is
-    written. Returns why this preset, and the checkpoint to resume from (or None)."""
+    """Fill the unset flags from the preset and check them before anything is written: (why, checkpoint)."""
     if args.task != "mlm":
         raise UserError(f"--task '{args.task}' is not supported; iit_distill.py distills masked LMs: pass --task mlm")
     if args.preset not in ("auto", *PRESETS):
@@ -707,8 +686,7 @@ def make_optimizer(student, args: Args, total_steps: int):
 
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
-    """exp(mean CE over the masked positions), in fp32 whatever --bf16. Uniform 15% masking, 80/10/10, from a
-    fixed generator: the same masked batches for every model."""
+    """exp(mean CE over masked positions) in fp32; uniform 15% masking from a fixed seed: same for every model."""
     generator = torch.Generator().manual_seed(seed)
     was_training, total, count = model.training, 0.0, 0
     model.eval()
@@ -724,39 +702,43 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
     return math.exp(total / max(count, 1))
 
 
-def count_steps(args: Args, lengths: np.ndarray, dist) -> int:
-    """Optimiser steps of the run: --max_steps, else --num_train_epochs over this rank's batches."""
-    batches = len(length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, 0, dist.rank,
-                                         dist.world_size))
+def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
+    """--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
+    batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
     if batches < args.gradient_accumulation_steps:
         raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
-                        f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size "
-                        f"or --gradient_accumulation_steps")
+                        f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size or "
+                        f"--gradient_accumulation_steps")
     return args.max_steps if args.max_steps > 0 else \
         math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
 
 
 def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: int):
-    """This rank's micro-batches from (epoch, position) on, as (epoch, position after it, indices); an epoch's
-    last partial optimiser step is dropped."""
-    accumulation = args.gradient_accumulation_steps
+    """This rank's micro-batches from (epoch, position) on, as (epoch, position after it, indices). Each epoch is
+    shuffled, sorted by length within windows of 50 batches (less padding, as the official group_by_size), its
+    batches shuffled and dealt out to the ranks; its last partial optimiser step is dropped. The order depends
+    only on (seed, epoch), so a resumed run sees the same batches."""
+    size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     while True:
-        batches = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, epoch, dist.rank,
-                                         dist.world_size)
-        for position in range(position, len(batches) // accumulation * accumulation):
-            yield epoch, position + 1, batches[position]
+        rng = np.random.default_rng([args.seed, epoch])
+        order, batches = rng.permutation(len(lengths)), []
+        for start in range(0, len(order), 50 * size):
+            window = order[start:start + 50 * size]
+            window = window[np.argsort(-lengths[window], kind="stable")]
+            batches += [window[i:i + size].tolist() for i in range(0, len(window), size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        mine = batches[dist.rank:len(batches) // dist.world_size * dist.world_size:dist.world_size]
+        for position in range(position, len(mine) // accumulation * accumulation):
+            yield epoch, position + 1, mine[position]
         epoch, position = epoch + 1, 0
 
 
-# What a checkpoint must agree on with the run that resumes it (else the data position means nothing).
-RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples",
-               "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
-
-
 def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, evaluate, dist) -> dict:
-    """A fresh state (with the student's perplexity before distillation), or the one saved in `checkpoint`,
-    which must come from a run with the same settings."""
-    signature = {k: getattr(args, k) for k in RESUME_KEYS} | {"world_size": dist.world_size, "total_steps": total_steps}
+    """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings."""
+    # What a checkpoint must agree on with the run that resumes it (else the data position means nothing):
+    keys = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples", "max_seq_length",
+            "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
+    signature = {k: getattr(args, k) for k in keys} | {"world_size": dist.world_size, "total_steps": total_steps}
     if checkpoint is None:
         before = evaluate(student) if dist.is_main else float("nan")
         common.set_seed(args.seed + dist.rank, args.deterministic)  # after the one-off work that used the RNG
@@ -784,7 +766,7 @@ def main(args: Args) -> dict:
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
     source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
     weights = token_weights(train_ids, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids)
-    total_steps, accumulation = count_steps(args, lengths, dist), args.gradient_accumulation_steps
+    total_steps, accumulation = optimiser_steps(args, len(train_ids), dist), args.gradient_accumulation_steps
     optimizer, scheduler = make_optimizer(student, args, total_steps)
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
         f"sequences, alignment {args.alignment}; every setting in {Path(args.output_dir) / 'args.json'}")
@@ -806,8 +788,7 @@ def main(args: Args) -> dict:
     # IIT: the training loop -----------------------------------------------------------------------
     step, use_iit, start_time = state["step"], args.alpha_iit > 0 or args.alpha_iit_cos > 0, time.time()
     progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="distilling", dynamic_ncols=True)
-    stream = micro_batches(lengths, args, dist, state["epoch"], state["batches_done"])
-    running, running_count = {}, 0
+    running, running_count, stream = {}, 0, micro_batches(lengths, args, dist, state["epoch"], state["batches_done"])
     while step < total_steps:
         for micro in range(accumulation):
             epoch, batches_done, indices = next(stream)
