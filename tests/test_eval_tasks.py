@@ -449,6 +449,16 @@ def test_squad_end_to_end(tmp_path, tiny_mlm_dir):
     AutoModelForQuestionAnswering.from_pretrained(str(out))
 
 
+def test_demo_data_when_no_task_is_given(tmp_path, tiny_mlm_dir):
+    """--model without --task or data flags: the offline demo split shared with adkd_distill.py
+    (common.demo_polarity: 160 train, 40 dev) with the demo's settings."""
+    out = tmp_path / "out"
+    results = eval_tasks.main(tiny_args(tiny_mlm_dir, out, max_steps=2))
+    assert results["eval_samples"] == 40 and 0 <= results["eval_accuracy"] <= 1
+    args = json.loads((out / "args.json").read_text())
+    assert args["task"] == "sst2" and args["learning_rate"] == 1e-4 and args["per_device_train_batch_size"] == 16
+
+
 def test_compare_prints_one_table(tmp_path, tiny_mlm_dir, tokenizer_dir, capsys):
     from transformers import AutoTokenizer, BertForMaskedLM
 
