@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_smoothed_masking_count_specials_and_80_10_10():
     weights[7] = 50.0  # a token with a large weight is masked far more often
     masked, labels = iit.mlm_mask(ids, attn, 4, V, {0, 1, 2, 3, 4}, 0.15, weights, g)
     chosen = labels != -100
-    assert int(chosen.sum()) == math.ceil(0.15 * int(attn.sum()))  # exact count per batch (§0.2)
+    assert int(chosen.sum()) == math.ceil(0.15 * int(attn.sum()))  # exact count per batch, as officially
     assert not chosen[attn == 0].any() and not chosen[:, 0].any()
     assert torch.equal(labels[chosen], ids[chosen])
     assert chosen[ids == 7].float().mean() > 5 * chosen[ids == 8].float().mean()
@@ -264,6 +265,10 @@ def test_standard_distillation_has_no_iit_terms():
     loss, terms = iit.distillation_loss(student, teacher, batch, iit.Args(), None)
     assert set(terms) == {"ce", "mlm", "cos"}
     assert torch.allclose(loss, 0.25 * (terms["ce"] + terms["mlm"] + terms["cos"]))
+    # the weights may be any object with the attributes, not only the script's Args
+    weights = SimpleNamespace(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
+                              alpha_iit_cos=0.0)
+    assert torch.equal(iit.distillation_loss(student, teacher, batch, weights, None)[0], loss)
 
 
 # ---- layer maps --------------------------------------------------------------------------------------
