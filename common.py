@@ -47,10 +47,6 @@ def apply_preset(args, preset: dict) -> None:
             setattr(args, name, value)
 
 
-def args_to_dict(args) -> dict:
-    return dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
-
-
 def set_seed(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch; `deterministic` also asks torch for deterministic kernels."""
     random.seed(seed)
