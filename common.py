@@ -1,6 +1,5 @@
 """What the three scripts share: the teacher -> student layer map, GLUE/SQuAD/CoNLL data and scoring, and a few
 run helpers (seed, device, DDP, checkpoints, one-line errors). Nothing here knows which method runs."""
-
 from __future__ import annotations
 
 import collections
@@ -21,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-# ---- One-line errors, the command line, seeding, devices, DDP --------------------------------------------------------
+# ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
 
 class UserError(Exception):
-    """Bad input from the user: `run_cli` prints it as one `error: ...` line and exits with status 2."""
+    """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
 
 
 def run_cli(main, args_class, argv=None):
@@ -41,14 +39,13 @@ def run_cli(main, args_class, argv=None):
 
 
 def apply_preset(args, preset: dict) -> None:
-    """Fill every field of `args` that is still None from `preset`; a flag given explicitly wins."""
+    """Fill every field of `args` that is still None from `preset`: a flag given explicitly wins."""
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch; `deterministic` also asks torch for deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -72,7 +69,6 @@ def get_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast when asked for (CUDA or CPU), else a no-op context."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
@@ -86,22 +82,16 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    enabled = property(lambda self: self.world_size > 1)
+    is_main = property(lambda self: self.rank == 0)
 
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist(), get_device(device_name)
-    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     device = get_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(), device
+    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
@@ -126,11 +116,11 @@ def cleanup_distributed(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 
-# ---- Models and datasets from a local path, the cache or the Hub, with one-line errors -------------------------------
+# ---- Models and datasets from a folder, the cache or the Hub, with one-line errors ----------------------------------
 
 
-def _hub_reachable() -> bool:
-    """Without this check an offline `from_pretrained` retries for ~25 s before failing."""
+def hub_reachable() -> bool:
+    """Without this check an offline `from_pretrained` retries for ~25 s before it fails."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -143,52 +133,45 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
-    """`cls.from_pretrained` from a local folder, else the cache, else the Hub; errors name `what` and `flag`."""
+    """`cls.from_pretrained` from a folder, else the cache, else the Hub; a failure names `what` and `flag`."""
     path = Path(name_or_path).expanduser()
-    if path.exists() and not path.is_dir():
+    if path.is_file():
         raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
-    if path.exists():
-        try:
-            return cls.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load {what} from '{name_or_path}': {_first_line(e)}") from None
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise UserError(f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
-    try:  # a hub id (`name` or `namespace/name`): the cache first
-        return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
-    if not _hub_reachable():
-        raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the Hub "
-                        f"is unreachable; pass a local model folder to {flag}")
+    if not path.exists():  # a hub id: the cache first, then the Hub if it answers
+        with contextlib.suppress(OSError, ValueError):
+            return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+        if not hub_reachable():
+            raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and "
+                            f"the Hub is unreachable; pass a local model folder to {flag}")
     try:
-        return cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {what} '{name_or_path}': {_first_line(e)}") from None
+        return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        where = f"from '{name_or_path}'" if path.exists() else f"'{name_or_path}'"
+        raise UserError(f"cannot load {what} {where}: {first_line(e)}") from None
 
 
 def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
-    """`datasets.load_dataset(name, config)` from the cache or the Hub; errors name the local-file flags instead."""
+    """`datasets.load_dataset` from the cache or the Hub; a failure names the local-file flags to pass instead."""
     import datasets
-    try:
+    with contextlib.suppress(Exception):
         return datasets.load_dataset(name, config, download_mode="reuse_cache_if_exists", **kwargs)
-    except Exception:
-        if not _hub_reachable():
-            raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
-                            f"pass {flag_hint} instead") from None
+    if not hub_reachable():
+        raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
+                        f"pass {flag_hint} instead")
     try:
         return datasets.load_dataset(name, config, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot load dataset '{name}' ({config}): {_first_line(e)}") from None
+        raise UserError(f"cannot load dataset '{name}' ({config}): {first_line(e)}") from None
 
 
 def require_file(path: str | None, flag: str) -> None:
-    """None, or a non-empty file; otherwise a UserError naming the flag."""
     if path is not None and not Path(path).is_file():
         raise UserError(f"{flag} '{path}' does not exist")
     if path is not None and Path(path).stat().st_size == 0:
@@ -199,7 +182,6 @@ def require_file(path: str | None, flag: str) -> None:
 
 
 def parse_layers(text: str) -> list[int]:
-    """'0,2,4' -> [0, 2, 4]."""
     try:
         return [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
     except ValueError:
@@ -215,24 +197,21 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
 
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the encoder blocks `layers`, in that order. Every other tensor (embeddings, pooler,
+    """The teacher with only the encoder blocks `layers`, in that order; every other tensor (embeddings, pooler,
     task or MLM head) is copied under its own name."""
     n = teacher.config.num_hidden_layers
     if not layers or any(not 0 <= layer < n for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
-    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.num_hidden_layers = len(layers)
+    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
     student = teacher.__class__(config)
     teacher_weights = teacher.state_dict()
-    weights = {}
-    for key in student.state_dict():
-        key_in_teacher = key
-        if ".encoder.layer." in key:  # student block i <- teacher block layers[i]
-            prefix, rest = key.split(".encoder.layer.", 1)
-            index, tail = rest.split(".", 1)
-            key_in_teacher = f"{prefix}.encoder.layer.{layers[int(index)]}.{tail}"
-        weights[key] = teacher_weights[key_in_teacher].clone()
-    student.load_state_dict(weights, strict=True)
+
+    def teacher_key(key: str) -> str:  # student block i <- teacher block layers[i]
+        prefix, found, rest = key.partition(".encoder.layer.")
+        index, _, tail = rest.partition(".")
+        return f"{prefix}.encoder.layer.{layers[int(index)]}.{tail}" if found else key
+
+    student.load_state_dict({key: teacher_weights[teacher_key(key)].clone() for key in student.state_dict()})
     return student
 
 
@@ -240,9 +219,8 @@ def init_student_from_teacher(teacher, layers: list[int]):
 
 
 def write_json(path: str | Path, obj) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def unwrap(model):
@@ -252,15 +230,13 @@ def unwrap(model):
 
 def save_model(output_dir: str | Path, model, tokenizer) -> None:
     """save_pretrained into `output_dir/.saving`, then move the files in, weights last: never half a model."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / ".saving"
+    tmp = Path(output_dir) / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(model).save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for file in sorted(tmp.iterdir(), key=lambda file: file.suffix == ".safetensors"):
-        os.replace(file, output_dir / file.name)
+        os.replace(file, Path(output_dir) / file.name)
     tmp.rmdir()
 
 
@@ -268,26 +244,23 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimiz
                     keep: int = 2) -> Path:
     """`output_dir/checkpoint-<step>/`: model, tokenizer and `training_state.pt` (optimizer, scheduler, RNGs and
     `state`). Only the newest `keep` checkpoints stay."""
-    output_dir = Path(output_dir)
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, model, tokenizer)
-    kind, keys, *rest = np.random.get_state()  # keys as a tensor: loadable with weights_only=True
+    kind, keys, *rest = np.random.get_state()  # numpy's keys as a tensor: loadable with weights_only=True
     rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), *rest),
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state},
                tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in _checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore `save_checkpoint`'s model, optimizer, scheduler and RNGs; return the rest of its state."""
+    """Restore what `save_checkpoint` wrote into the model, optimizer, scheduler and RNGs; return the rest."""
     from safetensors.torch import load_file
     path = Path(path)
     if not (path / "model.safetensors").is_file() or not (path / "training_state.pt").is_file():
@@ -298,9 +271,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); pass another one") from None
-    bare = unwrap(model)
-    missing, unexpected = bare.load_state_dict(tensors, strict=False)
-    tied = set(getattr(bare, "_tied_weights_keys", None) or [])  # saved once: the MLM decoder = word embeddings
+    missing, unexpected = unwrap(model).load_state_dict(tensors, strict=False)
+    tied = set(getattr(unwrap(model), "_tied_weights_keys", None) or [])  # saved once: MLM decoder = embeddings
     if unexpected or any(k not in tied and "decoder" not in k for k in missing):
         raise UserError(f"checkpoint '{path}' does not match this model (missing {list(missing)[:3]}, "
                         f"unexpected {list(unexpected)[:3]})")
@@ -308,22 +280,21 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = state.pop("rng")
     random.setstate(rng["python"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
+    if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
-def _checkpoints(output_dir: str | Path) -> list[Path]:
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders in `output_dir`, oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = _checkpoints(output_dir)
-    return found[-1] if found else None
+    return (checkpoints(output_dir) or [None])[-1]
 
 
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
@@ -348,51 +319,39 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
                         f"--resume_from_checkpoint or another folder")
 
 
-# ---- GLUE data: the Hub's `glue` column names and label orders -------------------------------------------------------
+# ---- GLUE data, with the Hub's `glue` column names and label orders --------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
     name: str
-    sentence_keys: tuple[str, ...]  # hub column names of the one or two input texts
-    label_names: tuple[str, ...]  # in the hub's ClassLabel order; () for the regression task STS-B
-    num_labels: int  # 1 for STS-B (regression)
+    sentence_keys: tuple[str, ...]  # the hub's text columns
+    label_names: tuple[str, ...]  # in the hub's label order; () for the regression task STS-B
     metric_for_best: str  # the glue_metrics() key that picks the best epoch
-    folder: str  # glue_data/<folder>/ in the official GLUE distribution
+    folder: str  # glue_data/<folder>/ in the official distribution
+    tsv_columns: tuple  # the official TSV's header of each text column, then of the label (CoLA, no header: indices)
     # split -> official file; "validation" is the dev set for model selection (MNLI: matched), others follow it
     files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
-    tsv_columns: tuple[tuple[str, str | int], ...] = ()  # hub column -> official TSV header (CoLA: column index)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def validation_splits(self) -> list[str]:
-        return [split for split, _ in self.files if split != "train"]
+    num_labels = property(lambda self: len(self.label_names) or 1)  # 1 for STS-B
+    is_regression = property(lambda self: not self.label_names)
+    validation_splits = property(lambda self: [split for split, _ in self.files if split != "train"])
 
 
+PAIR = ("sentence1", "sentence2")
 GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
-    GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), 2, "matthews_correlation", "CoLA",
-             tsv_columns=(("label", 1), ("sentence", 3))),  # no header: source, label, original label, sentence
-    GlueTask("sst2", ("sentence",), ("negative", "positive"), 2, "accuracy", "SST-2",
-             tsv_columns=(("sentence", "sentence"), ("label", "label"))),
-    GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), 2, "f1", "MRPC",
-             tsv_columns=(("sentence1", "#1 String"), ("sentence2", "#2 String"), ("label", "Quality"))),
-    GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), 2, "accuracy", "QQP",
-             tsv_columns=(("question1", "question1"), ("question2", "question2"), ("label", "is_duplicate"))),
-    GlueTask("stsb", ("sentence1", "sentence2"), (), 1, "spearmanr", "STS-B",
-             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "score"))),
-    GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), 3, "accuracy", "MNLI",
-             files=(("train", "train.tsv"), ("validation", "dev_matched.tsv"),
-                    ("validation_mismatched", "dev_mismatched.tsv")),
-             tsv_columns=(("premise", "sentence1"), ("hypothesis", "sentence2"), ("label", "gold_label"))),
-    GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), 2, "accuracy", "QNLI",
-             tsv_columns=(("question", "question"), ("sentence", "sentence"), ("label", "label"))),
-    GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), 2, "accuracy", "RTE",
-             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
-    GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), 2, "accuracy", "WNLI",
-             tsv_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2"), ("label", "label"))),
+    GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", "CoLA", (3, 1)),
+    GlueTask("sst2", ("sentence",), ("negative", "positive"), "accuracy", "SST-2", ("sentence", "label")),
+    GlueTask("mrpc", PAIR, ("not_equivalent", "equivalent"), "f1", "MRPC", ("#1 String", "#2 String", "Quality")),
+    GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "accuracy", "QQP",
+             ("question1", "question2", "is_duplicate")),
+    GlueTask("stsb", PAIR, (), "spearmanr", "STS-B", (*PAIR, "score")),
+    GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy", "MNLI",
+             (*PAIR, "gold_label"), (("train", "train.tsv"), ("validation", "dev_matched.tsv"),
+                                     ("validation_mismatched", "dev_mismatched.tsv"))),
+    GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy", "QNLI",
+             ("question", "sentence", "label")),
+    GlueTask("rte", PAIR, ("entailment", "not_entailment"), "accuracy", "RTE", (*PAIR, "label")),
+    GlueTask("wnli", PAIR, ("not_entailment", "entailment"), "accuracy", "WNLI", (*PAIR, "label")),
 ]}
 
 
@@ -402,95 +361,80 @@ def glue_task(task: str) -> GlueTask:
     return GLUE_TASKS[task]
 
 
-def _glue_label(spec: GlueTask, value, where: str):
+def glue_label(spec: GlueTask, value, where: str):
     """A label as written in a file (a name or an id; STS-B: a score) -> the hub's id, or the score as a float."""
     text = str(value).strip()
     if text in spec.label_names:
         return spec.label_names.index(text)
-    try:
+    with contextlib.suppress(ValueError):
         number = float(text)
-    except ValueError:
-        number = None
-    if spec.is_regression and number is None:
-        raise UserError(f"{where}: STS-B score '{text}' is not a number")
+        if spec.is_regression:
+            return number
+        if number.is_integer() and 0 <= number < spec.num_labels:
+            return int(number)
     if spec.is_regression:
-        return number
-    if number is not None and number.is_integer() and 0 <= number < spec.num_labels:
-        return int(number)
+        raise UserError(f"{where}: STS-B score '{text}' is not a number")
     raise UserError(f"{where}: label '{text}' is not a {spec.name} label; expected one of "
                     f"{list(spec.label_names)} or an id 0..{spec.num_labels - 1}")
 
 
-def _read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
+def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     """An official GLUE file: tab-separated, NOT quoted (a sentence may hold a lone `"`). Rows with the wrong number
     of fields are skipped and counted, as the Hub's glue loader drops them."""
-    out = {name: [] for name in (*spec.sentence_keys, "label")}
-    index, width, start = dict(spec.tsv_columns), 4, 1  # CoLA: no header, 4 columns
-    skipped, first_bad = 0, None
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC ships with a BOM
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if not all(isinstance(column, int) for column in index.values()):
-            header = next(rows, [])
-            missing = [column for column in index.values() if column not in header]
-            if missing:
-                raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
-                                f"GLUE {spec.folder} layout")
-            index = {name: header.index(column) for name, column in index.items()}
-            width, start = len(header), 2
-            if spec.name in ("mnli", "stsb"):  # the gold label is the last column
-                index["label"] = -1
-        for lineno, row in enumerate(rows, start=start):
-            if row in ([], [""]):
-                continue
-            if len(row) != width:
-                skipped += 1
-                first_bad = first_bad or (lineno, len(row))
-                continue
-            for name in spec.sentence_keys:
-                out[name].append(row[index[name]])
-            out["label"].append(_glue_label(spec, row[index["label"]], f"{path}, line {lineno}"))
-    if not out["label"]:
-        detail = (f"line {first_bad[0]} has {first_bad[1]} tab-separated fields, expected {width}" if first_bad
-                  else "it has no data rows")
-        raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE "
-                        f"{spec.folder} layout")
-    if skipped:
-        print(f"warning: {path}: skipped {skipped} malformed row(s) (first: line {first_bad[0]})")
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    columns, width, first = spec.tsv_columns, 4, 1  # CoLA: no header, 4 columns
+    if isinstance(columns[0], str):
+        header, rows, first = (rows or [[]])[0], rows[1:], 2
+        missing = [column for column in columns if column not in header]
+        if missing:
+            raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
+                            f"GLUE {spec.folder} layout")
+        width = len(header)  # MNLI and STS-B: the gold label is the last column
+        columns = [header.index(c) for c in columns[:-1]] + [-1 if spec.name in ("mnli", "stsb") else
+                                                             header.index(columns[-1])]
+    numbered = [(lineno, row) for lineno, row in enumerate(rows, start=first) if row not in ([], [""])]
+    bad = [(lineno, len(row)) for lineno, row in numbered if len(row) != width]
+    good = [(lineno, row) for lineno, row in numbered if len(row) == width]
+    if not good:
+        detail = f"line {bad[0][0]} has {bad[0][1]} tab-separated fields, expected {width}" if bad else "it has no data rows"
+        raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE {spec.folder} "
+                        f"layout")
+    if bad:
+        print(f"warning: {path}: skipped {len(bad)} malformed row(s) (first: line {bad[0][0]})")
+    out = {key: [row[column] for _, row in good] for key, column in zip(spec.sentence_keys, columns)}
+    out["label"] = [glue_label(spec, row[columns[-1]], f"{path}, line {lineno}") for lineno, row in good]
     return out
 
 
-def _read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
-    """A user file with the hub column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
-    needed = (*spec.sentence_keys, "label")
+def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
+    """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
+    needed = [*spec.sentence_keys, "label"]
     if path.suffix.lower() not in (".json", ".jsonl"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             records = list(enumerate(csv.DictReader(f), start=2))
     else:
         text = path.read_text(encoding="utf-8")
-        try:
-            records = json.loads(text)  # a JSON list, {"data": [...]}, or a one-line JSON-lines file
+        try:  # a JSON list, {"data": [...]} or a one-record file; "line" is the record number
+            records = json.loads(text)
             if isinstance(records, dict):
                 records = records["data"] if isinstance(records.get("data"), list) else [records]
-            records = list(enumerate(records, start=1))  # "line" = record number here
+            records = list(enumerate(records, start=1))
         except json.JSONDecodeError:  # JSON lines
             records = []
             for lineno, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        records.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError:
-                        raise UserError(f"{path}, line {lineno}: not JSON; expected one JSON object per line "
-                                        f"with keys {list(needed)}") from None
-    out = {name: [] for name in needed}
+                try:
+                    records += [(lineno, json.loads(line))] if line.strip() else []
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}, line {lineno}: not JSON; expected one JSON object per line with keys "
+                                    f"{needed}") from None
     for lineno, record in records:
         if not isinstance(record, dict) or any(record.get(key) is None for key in needed):
-            raise UserError(f"{path}, line {lineno}: needs the columns {list(needed)} (the hub's {spec.name} "
-                            f"column names)")
-        for name in spec.sentence_keys:
-            out[name].append(str(record[name]))
-        out["label"].append(_glue_label(spec, record["label"], f"{path}, line {lineno}"))
-    if not out["label"]:
-        raise UserError(f"{path}: no rows; expected columns {list(needed)}")
+            raise UserError(f"{path}, line {lineno}: needs the columns {needed} (the hub's {spec.name} column names)")
+    if not records:
+        raise UserError(f"{path}: no rows; expected columns {needed}")
+    out = {key: [str(record[key]) for _, record in records] for key in spec.sentence_keys}
+    out["label"] = [glue_label(spec, record["label"], f"{path}, line {lineno}") for lineno, record in records]
     return out
 
 
@@ -503,33 +447,27 @@ def load_glue(task: str, data_dir: str | None = None, train_file: str | None = N
     spec = glue_task(task)
     require_file(train_file, "--train_file")
     require_file(validation_file, "--validation_file")
-    folder = None
-    if data_dir is not None:
-        if not Path(data_dir).is_dir():
-            raise UserError(f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
-        folder = Path(data_dir) / spec.folder if (Path(data_dir) / spec.folder).is_dir() else Path(data_dir)
-    given = {"train": train_file, "validation": validation_file}
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
+    folder = data_dir and (Path(data_dir) / spec.folder if (Path(data_dir) / spec.folder).is_dir() else Path(data_dir))
     label = datasets.Value("float32" if spec.is_regression else "int64")
     features = datasets.Features({**{key: datasets.Value("string") for key in spec.sentence_keys}, "label": label})
-    result = {}
+    given, result = {"train": train_file, "validation": validation_file}, {}
     for split, file_name in spec.files:
-        if given.get(split):
-            path = Path(given[split])
-            reader = _read_glue_tsv if path.suffix.lower() == ".tsv" else _read_glue_table
+        path = Path(given[split]) if given.get(split) else folder and folder / file_name
+        if path and not path.is_file():
+            flag = "--train_file" if split == "train" else "--validation_file"
+            raise UserError(f"--data_dir: {path} is missing (official GLUE {spec.folder} layout: "
+                            f"{', '.join(n for _, n in spec.files)}); pass the {spec.folder} folder or {flag}")
+        if path:
+            reader = read_glue_tsv if path.suffix.lower() == ".tsv" else read_glue_table
             result[split] = datasets.Dataset.from_dict(reader(spec, path), features=features)
-        elif folder is not None:
-            if not (folder / file_name).is_file():
-                flag = "--train_file" if split == "train" else "--validation_file"
-                raise UserError(f"--data_dir: {folder / file_name} is missing (official GLUE {spec.folder} layout: "
-                                f"{', '.join(n for _, n in spec.files)}); pass the {spec.folder} folder or {flag}")
-            result[split] = datasets.Dataset.from_dict(_read_glue_tsv(spec, folder / file_name), features=features)
-    missing = [split for split, _ in spec.files if split not in result]
-    if missing:
+    if len(result) < len(spec.files):
         hub = load_hub_dataset("nyu-mll/glue", task,
                                "--data_dir DIR (official GLUE files) or --train_file/--validation_file")
-        for split in missing:
+        for split, _ in spec.files:
             hub_split = "validation_matched" if (task, split) == ("mnli", "validation") else split
-            result[split] = hub[hub_split].select_columns([*spec.sentence_keys, "label"]).cast(features)
+            result.setdefault(split, hub[hub_split].select_columns([*spec.sentence_keys, "label"]).cast(features))
     return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
 
 
