@@ -22,10 +22,8 @@ import torch
 
 # ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
-
 class UserError(Exception):
     """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
-
 
 def run_cli(main, args_class, argv=None):
     """Parse `argv` into `args_class` (HfArgumentParser) and run `main(args)`; a UserError exits 2, no traceback."""
@@ -37,13 +35,11 @@ def run_cli(main, args_class, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
 def apply_preset(args, preset: dict) -> None:
     """Fill every field of `args` that is still None from `preset`: a flag given explicitly wins."""
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
@@ -52,7 +48,6 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
 
 def get_device(name: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; a named device this machine lacks is a UserError."""
@@ -67,15 +62,12 @@ def get_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
     return device
 
-
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
 
 def cache_root(cache_dir: str | None = None) -> Path:
     """Where the offline demos cache data and teachers: `cache_dir`, else $XDG_CACHE_HOME (~/.cache)/bert-distill."""
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
-
 
 @dataclasses.dataclass
 class Dist:
@@ -84,7 +76,6 @@ class Dist:
     world_size: int = 1
     enabled = property(lambda self: self.world_size > 1)
     is_main = property(lambda self: self.rank == 0)
-
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
@@ -98,7 +89,6 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist, device
 
-
 @contextlib.contextmanager
 def main_process_first(dist: Dist):
     """Rank 0 runs the block first (downloads, caches); the others then run it on rank 0's files."""
@@ -110,14 +100,12 @@ def main_process_first(dist: Dist):
         if dist.enabled and dist.is_main:
             torch.distributed.barrier()
 
-
 def cleanup_distributed(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 # ---- Models and datasets from a folder, the cache or the Hub, with one-line errors ----------------------------------
-
 
 def hub_reachable() -> bool:
     """Without this check an offline `from_pretrained` retries for ~25 s before it fails."""
@@ -132,10 +120,8 @@ def hub_reachable() -> bool:
     except OSError:
         return False
 
-
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
 
 def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
     """`cls.from_pretrained` from a folder, else the cache, else the Hub; a failure names `what` and `flag`."""
@@ -156,7 +142,6 @@ def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
         where = f"from '{name_or_path}'" if path.exists() else f"'{name_or_path}'"
         raise UserError(f"cannot load {what} {where}: {first_line(e)}") from None
 
-
 def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
     """`datasets.load_dataset` from the cache or the Hub; a failure names the local-file flags to pass instead."""
     import datasets
@@ -170,7 +155,6 @@ def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
     except Exception as e:
         raise UserError(f"cannot load dataset '{name}' ({config}): {first_line(e)}") from None
 
-
 def require_file(path: str | None, flag: str) -> None:
     if path is not None and not Path(path).is_file():
         raise UserError(f"{flag} '{path}' does not exist")
@@ -180,13 +164,11 @@ def require_file(path: str | None, flag: str) -> None:
 
 # ---- The teacher -> student layer map --------------------------------------------------------------------------------
 
-
 def parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise UserError(f"layer list '{text}' is not comma-separated integers, e.g. 0,2,4,7,9,11") from None
-
 
 def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
     """Evenly spaced teacher blocks, first and last included: 12 -> 6 gives DistilBERT's [0, 2, 4, 7, 9, 11]."""
@@ -194,7 +176,6 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
     return [int(i * step + 0.5) for i in range(num_student_layers)]
-
 
 def init_student_from_teacher(teacher, layers: list[int]):
     """The teacher with only the encoder blocks `layers`, in that order; every other tensor (embeddings, pooler,
@@ -217,16 +198,13 @@ def init_student_from_teacher(teacher, layers: list[int]):
 
 # ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
 
-
 def write_json(path: str | Path, obj) -> None:
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(f"{path}.tmp", path)
 
-
 def unwrap(model):
     """The bare model inside DistributedDataParallel (no wrapper prefixes in saved weights)."""
     return model.module if hasattr(model, "module") else model
-
 
 def save_model(output_dir: str | Path, model, tokenizer) -> None:
     """save_pretrained into `output_dir/.saving`, then move the files in, weights last: never half a model."""
@@ -238,7 +216,6 @@ def save_model(output_dir: str | Path, model, tokenizer) -> None:
     for file in sorted(tmp.iterdir(), key=lambda file: file.suffix == ".safetensors"):
         os.replace(file, Path(output_dir) / file.name)
     tmp.rmdir()
-
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
                     keep: int = 2) -> Path:
@@ -257,7 +234,6 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimiz
     for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore what `save_checkpoint` wrote into the model, optimizer, scheduler and RNGs; return the rest."""
@@ -286,16 +262,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
-
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """The `checkpoint-<step>` folders in `output_dir`, oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
-
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return (checkpoints(output_dir) or [None])[-1]
-
 
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
     """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-<step> in output_dir) or a checkpoint folder."""
@@ -306,7 +279,6 @@ def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
         where = f"no checkpoint-<step> folder in '{output_dir}'" if path is None else f"'{path}' is not one"
         raise UserError(f"--resume_from_checkpoint needs a checkpoint-<step> folder ({where})")
     return path
-
 
 def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into a file, or over a finished run unless asked to (--overwrite_output_dir)."""
@@ -321,7 +293,6 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
 
 # ---- GLUE data, with the Hub's `glue` column names and label orders --------------------------------------------------
 
-
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
     name: str
@@ -335,7 +306,6 @@ class GlueTask:
     num_labels = property(lambda self: len(self.label_names) or 1)  # 1 for STS-B
     is_regression = property(lambda self: not self.label_names)
     validation_splits = property(lambda self: [split for split, _ in self.files if split != "train"])
-
 
 PAIR = ("sentence1", "sentence2")
 GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
@@ -354,12 +324,10 @@ GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
     GlueTask("wnli", PAIR, ("not_entailment", "entailment"), "accuracy", "WNLI", (*PAIR, "label")),
 ]}
 
-
 def glue_task(task: str) -> GlueTask:
     if task not in GLUE_TASKS:
         raise UserError(f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[task]
-
 
 def glue_label(spec: GlueTask, value, where: str):
     """A label as written in a file (a name or an id; STS-B: a score) -> the hub's id, or the score as a float."""
@@ -376,7 +344,6 @@ def glue_label(spec: GlueTask, value, where: str):
         raise UserError(f"{where}: STS-B score '{text}' is not a number")
     raise UserError(f"{where}: label '{text}' is not a {spec.name} label; expected one of "
                     f"{list(spec.label_names)} or an id 0..{spec.num_labels - 1}")
-
 
 def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     """An official GLUE file: tab-separated, NOT quoted (a sentence may hold a lone `"`). Rows with the wrong number
@@ -405,7 +372,6 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     out = {key: [row[column] for _, row in good] for key, column in zip(spec.sentence_keys, columns)}
     out["label"] = [glue_label(spec, row[columns[-1]], f"{path}, line {lineno}") for lineno, row in good]
     return out
-
 
 def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
@@ -436,7 +402,6 @@ def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     out = {key: [str(record[key]) for _, record in records] for key in spec.sentence_keys}
     out["label"] = [glue_label(spec, record["label"], f"{path}, line {lineno}") for lineno, record in records]
     return out
-
 
 def load_glue(task: str, data_dir: str | None = None, train_file: str | None = None,
               validation_file: str | None = None):
@@ -470,7 +435,6 @@ def load_glue(task: str, data_dir: str | None = None, train_file: str | None = N
             result.setdefault(split, hub[hub_split].select_columns([*spec.sentence_keys, "label"]).cast(features))
     return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
 
-
 def demo_polarity(fold: int = 0):
     """The offline demo's SST-2-style data: gensim's 200 movie-review sentences (pang_lee_polarity.cor, 100 positive,
     100 negative) as columns sentence, label. Sentence i is dev when i % 5 == fold (160 train, 40 dev)."""
@@ -494,10 +458,8 @@ def demo_polarity(fold: int = 0):
 
 # ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
-
 def _as_array(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
 
 def matthews_correlation(predictions, labels) -> float:
     """Multi-class Matthews correlation (tp·tn − fp·fn form for two classes); 0 when undefined, as sklearn."""
@@ -510,13 +472,11 @@ def matthews_correlation(predictions, labels) -> float:
     denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
     return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
 
-
 def binary_f1(predictions, labels) -> float:
     """F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count."""
     p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
     tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0
-
 
 def pearson(x, y) -> float:
     """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
@@ -525,18 +485,15 @@ def pearson(x, y) -> float:
     denominator = np.sqrt((x @ x) * (y @ y))
     return float(x @ y / denominator) if denominator > 0 else 0.0
 
-
 def average_ranks(x) -> np.ndarray:
     """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata 'average')."""
     _, group, counts = np.unique(_as_array(x).astype(float), return_inverse=True, return_counts=True)
     last_rank = np.cumsum(counts)  # of each group of equal values; its ranks are last - count + 1 .. last
     return (last_rank - (counts - 1) / 2)[group]
 
-
 def spearman(x, y) -> float:
     """Spearman correlation = Pearson correlation of the average ranks."""
     return pearson(average_ranks(x), average_ranks(y))
-
 
 def glue_metrics(task: str, predictions, labels) -> dict:
     """The `glue` metric's keys, in 0..1: cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
@@ -555,12 +512,10 @@ def glue_metrics(task: str, predictions, labels) -> dict:
     accuracy = float(np.mean(p.astype(int) == y.astype(int))) if len(y) else 0.0
     return {"accuracy": accuracy, "f1": binary_f1(p, y)} if task in ("mrpc", "qqp") else {"accuracy": accuracy}
 
-
 def normalize_answer(text: str) -> str:
     """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
 
 def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
     """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
@@ -582,7 +537,6 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]])
     n = max(len(references), 1)  # no questions: both scores 0
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
 
-
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
     """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2 and IOBES
     alike (conlleval.pl agrees on IOB1/IOB2 but has no S- rule): an entity starts at B/S or at an I/E that does not
@@ -603,7 +557,6 @@ def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
             start = None
         previous = prefix if start is not None else "O"
     return spans
-
 
 def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict:
     """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
