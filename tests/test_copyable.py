@@ -1,0 +1,110 @@
+"""The functions the README calls copyable really are: each one's source, executed in a fresh namespace that
+holds only `torch`, `F` and `math` (what a reader's own file has), gives the module's own result."""
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertForMaskedLM, BertForSequenceClassification
+
+import adkd_distill as adkd
+import iit_distill as iit
+from conftest import tiny_config
+
+
+def copied(function):
+    """`function` re-created from its source text alone, as a reader pasting it would get it."""
+    namespace = {"torch": torch, "F": F, "math": math}
+    exec(compile(inspect.getsource(function), f"<copy of {function.__name__}>", "exec"), namespace)
+    return namespace[function.__name__]
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.allclose(a, b, atol=1e-6)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "logits"):
+        return same(a.logits, b.logits)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config(120, layers=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 120, (3, 9), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 6:] = 0
+    return model, ids, attn
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(120, layers=2, num_labels=3)).eval()
+    model.set_attn_implementation("eager")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 120, (3, 7), generator=g)
+    attn = torch.ones_like(ids)
+    attn[2, 5:] = 0
+    return model, ids, attn
+
+
+def iit_cases(model, ids, attn):
+    mask = attn.bool()
+    values = torch.randn(int(mask.sum()), 32, generator=torch.Generator().manual_seed(3))
+    logits_s, logits_t = torch.randn(2, 3, 9, 120, generator=torch.Generator().manual_seed(4))
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.3, ids, -100)
+    labels[0, 1] = ids[0, 1]
+    lengths = attn.sum(1)
+    return {
+        "get_activations": lambda f: f(model, ids, attn, [0, 2]),
+        "forward_with_interchange": lambda f: f(model, ids, attn, {1: (mask, values)}),
+        # a fixed generator state per call, so both versions draw the same positions
+        "interchange_masks": lambda f: f(lengths, lengths.flip(0), ids.shape[1], 0.4,
+                                         generator=torch.Generator().manual_seed(6)),
+        "alignments": lambda f: [f(name, 12, 6) for name in ("full", "middle", "late", "9:3;10,11:4")],
+        "soft_target_kl": lambda f: f(logits_s, logits_t, 2.0),
+        "cosine_distance": lambda f: f(logits_s, logits_t),
+        "masked_mean": lambda f: f(logits_s[..., 0], mask),
+        "mlm_loss": lambda f: f(logits_s, labels),
+    }
+
+
+def adkd_cases(model, ids, attn):
+    target = torch.tensor([0, 2, 1])
+    attributions = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(7))
+    maps = torch.rand(2, 3, 7, generator=torch.Generator().manual_seed(8))
+    logits = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(9))
+    return {
+        # one view (the gold-label view) and every class's view, 4 IG points
+        "integrated_gradients": lambda f: [f(model, ids, attn, None, targets, steps=4) for targets in
+                                           (target[None], torch.arange(3)[:, None].expand(3, 3))],
+        "token_attribution": lambda f: f(attributions, attn, 5),
+        "attribution_loss": lambda f: f(maps[0] * attn, maps[1] * attn),
+        "kd_loss": lambda f: f(logits[0], logits[1], 2.0),
+        "task_loss": lambda f: f(logits[0], target),
+        "view_targets": lambda f: [f(target, 3), f(target, 2)],
+        "kd_temperature": lambda f: [f(4.0, "kd_anneal", epoch, 5) for epoch in range(5)],
+    }
+
+
+@pytest.mark.parametrize("name", list(iit_cases(None, torch.zeros(3, 9), torch.ones(3, 9))))
+def test_iit_function_runs_from_its_source_alone(name, mlm):
+    call = iit_cases(*mlm)[name]
+    function = getattr(iit, name)
+    with torch.no_grad():
+        assert same(call(copied(function)), call(function)), name
+
+
+@pytest.mark.parametrize("name", list(adkd_cases(None, torch.zeros(3, 7), torch.ones(3, 7))))
+def test_adkd_function_runs_from_its_source_alone(name, classifier):
+    call = adkd_cases(*classifier)[name]
+    function = getattr(adkd, name)
+    assert same(call(copied(function)), call(function)), name
