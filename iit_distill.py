@@ -40,10 +40,8 @@ from tqdm.auto import tqdm
 import common
 from common import UserError
 
-
 def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
-
 
 @dataclasses.dataclass
 class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag given explicitly wins
@@ -100,7 +98,6 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     cache_dir: str | None = arg(None, "Cache of the demo corpus and teacher (default ~/.cache/bert-distill)")
     track: bool = arg(False, "Log to Weights & Biases (imported only when set)")
 
-
 PRESETS = {
     # The paper's setting: bert-base teacher, 6-block student, WikiText-103, 240 sequences a step, 3 epochs.
     "paper": dict(teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
@@ -116,17 +113,16 @@ PRESETS = {
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
 }
 
+
 # ==============================================================================================
 # IIT: THE METHOD. The output of encoder block l (hidden_states[l + 1]) is read in the source run and written,
 # by a forward hook on stock `transformers` BERT, in the counterfactual run. (The official code reads
 # hidden_states[l], the block's input, but writes its output: an off-by-one, fixed here.)
 
-
 def get_activations(model, input_ids, attention_mask, layers) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for each l in `layers`."""
     hidden_states = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
     return {layer: hidden_states[layer + 1] for layer in layers}  # hidden_states[0] is the embeddings' output
-
 
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
     """The counterfactual run: `model` on the base input, where interventions {l: (mask, values)} replace the
@@ -149,7 +145,6 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions: di
     finally:
         for handle in handles:
             handle.remove()
-
 
 def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, seq_len: int, prop: float,
                       mode: str = "consecutive", base_candidates: torch.Tensor | None = None,
@@ -186,7 +181,6 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
             source_mask[i, sample(source_len, n)] = True
     return base_mask, source_mask
 
-
 def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> list:
     """Which blocks are swapped: groups (teacher blocks, student blocks); one group is sampled per step and all
     its blocks are intervened on. For a 12-block teacher and a 6-block student, the official maps:
@@ -219,9 +213,7 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
                              f"0..{nt - 1} or the student's 0..{ns - 1} blocks")
     return groups
 
-
 # The losses, per position: z are MLM logits (..., V), h last hidden states (..., H), M the positions used.
-
 
 def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) )."""
@@ -229,23 +221,19 @@ def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1) * temperature**2
 
-
 def cosine_distance(student_hidden, teacher_hidden) -> torch.Tensor:
     """(...,) for states (..., H): 1 - cos(h_s, h_t)."""
     return 1.0 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
 
-
 def masked_mean(values, positions) -> torch.Tensor:
     """1/|M| * sum_{p in M} values[p]; values outside M (padding) must be finite and are ignored."""
     return (values * positions).sum() / positions.sum()
-
 
 def mlm_loss(student_logits, labels) -> torch.Tensor:
     """1/|masked| * sum_{p masked} -log p_s(x_p | masked input). Only the labelled positions are read, so
     `student_logits` may carry more rows than `labels` (the base rows come first): it is not sliced."""
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
-
 
 def base_source_counterfactual(model, batch: dict, layers=None):
     """The paper's runs, three forwards: MLM logits z (R, T, V) and last hidden states h (R, T, H); rows [0, B)
@@ -261,7 +249,6 @@ def base_source_counterfactual(model, batch: dict, layers=None):
                                               output_hidden_states=True)
     return (torch.cat([base.logits, counterfactual.logits]),
             torch.cat([base.hidden_states[-1], counterfactual.hidden_states[-1]]))
-
 
 def distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
     """Loss of one micro-batch and its terms. `batch`: masked base `input_ids`, `attention_mask`, MLM `labels`;
@@ -302,14 +289,11 @@ def distillation_loss(student, teacher, batch: dict, weights, group=None, schedu
 # The counterfactual run equals the base run below the lowest intervened block k, so it forks off there
 # instead of being recomputed: a step costs 2.01x standard distillation, not the plain schedule's 2.70x.
 
-
 def _hidden(output):  # a block returns its hidden state (transformers 5) or a tuple that starts with it (4.x)
     return output[0] if isinstance(output, tuple) else output
 
-
 def _replace_hidden(output, hidden):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
 
 def base_and_counterfactual(model, batch: dict, layers):
     """A drop-in for base_source_counterfactual: the same z, h from one forward of 2B rows. Rows [0, B) are the
@@ -374,7 +358,6 @@ def base_and_counterfactual(model, batch: dict, layers):
 # ==============================================================================================
 # BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks.
 
-
 def demo_corpus(cache: Path) -> tuple[Path, Path]:
     """~100 Wikipedia articles shipped with gensim, one paragraph per line; every 10th article validates."""
     folder = cache / "demo-corpus-v1"
@@ -401,7 +384,6 @@ def demo_corpus(cache: Path) -> tuple[Path, Path]:
         os.replace(tmp, path)
     return train, valid
 
-
 def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: int | None):
     """[CLS] paragraph [SEP] in chunks of at most `max_len` tokens; those under `min_len` are dropped."""
     cls, sep, body = tokenizer.cls_token_id, tokenizer.sep_token_id, max_len - 2
@@ -417,7 +399,6 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
 
     return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, num_proc=num_proc,
                    desc="tokenizing")
-
 
 def load_data(args: Args, tokenizer, dist, log):
     """Tokenised train and validation sequences (rank 0 tokenises first; the others read its cache)."""
@@ -450,7 +431,6 @@ def load_data(args: Args, tokenizer, dist, log):
         f"sequences of {args.min_seq_length} to {args.max_seq_length} tokens")
     return train_ids, eval_ids
 
-
 def token_weights(train_ids, vocab_size: int, smoothing: float, special_ids) -> torch.Tensor:
     """Masking weight max(count, 1)^-smoothing per vocabulary id (rare words masked more); 0 for specials."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -460,7 +440,6 @@ def token_weights(train_ids, vocab_size: int, smoothing: float, special_ids) -> 
     weights = np.maximum(counts, 1).astype(np.float64) ** (-smoothing)
     weights[list(special_ids)] = 0.0
     return torch.tensor(weights, dtype=torch.float32)
-
 
 def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, vocab_size: int,
              special_ids, probability: float = 0.15, weights: torch.Tensor | None = None,
@@ -489,7 +468,6 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
     masked[chosen & (action >= 0.9)] = random_ids[chosen & (action >= 0.9)]
     return masked, labels
 
-
 def pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -498,7 +476,6 @@ def pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[torch.Ten
         ids[i, :len(seq)] = torch.tensor(seq)
         attention[i, :len(seq)] = 1
     return ids, attention
-
 
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
                with_iit: bool) -> dict:
@@ -526,7 +503,6 @@ def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, 
 
 # ==============================================================================================
 # BOILERPLATE: models
-
 
 def demo_teacher(args: Args) -> Path:
     """The demo's teacher: the pretrained all-MiniLM-L6-v2 encoder (6 blocks, width 384, BERT's vocabulary; on
@@ -588,7 +564,6 @@ def demo_teacher(args: Args) -> Path:
     os.replace(partial, folder)
     return folder
 
-
 def load_models(args: Args, dist, device, log):
     """Tokenizer, teacher (frozen), student (initialised from it) and the alignment groups."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -630,7 +605,6 @@ def load_models(args: Args, dist, device, log):
 # ==============================================================================================
 # BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop
 
-
 def resolve_args(args: Args) -> tuple[str, Path | None]:
     """Fill the unset flags from the preset and check them before anything is written: (why, checkpoint)."""
     if args.task != "mlm":
@@ -670,7 +644,6 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
     common.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint is not None)
     return why, common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
-
 def make_optimizer(student, args: Args, total_steps: int):
     """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
     from transformers import get_linear_schedule_with_warmup
@@ -682,7 +655,6 @@ def make_optimizer(student, args: Args, total_steps: int):
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-
 
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
@@ -701,7 +673,6 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
     model.train(was_training)
     return math.exp(total / max(count, 1))
 
-
 def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
     """--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
     batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
@@ -711,7 +682,6 @@ def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
                         f"--gradient_accumulation_steps")
     return args.max_steps if args.max_steps > 0 else \
         math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
-
 
 def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: int):
     """This rank's micro-batches from (epoch, position) on, as (epoch, position after it, indices). Each epoch is
@@ -732,7 +702,6 @@ def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: i
             yield epoch, position + 1, mine[position]
         epoch, position = epoch + 1, 0
 
-
 def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, evaluate, dist) -> dict:
     """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings."""
     # What a checkpoint must agree on with the run that resumes it (else the data position means nothing):
@@ -752,7 +721,6 @@ def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_
     if dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' masking independent
         common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)
     return state
-
 
 def main(args: Args) -> dict:
     # BOILERPLATE: set-up --------------------------------------------------------------------------
@@ -843,7 +811,6 @@ def main(args: Args) -> dict:
         torch.distributed.barrier()
     common.cleanup_distributed(dist)
     return results
-
 
 if __name__ == "__main__":
     common.run_cli(main, Args)
