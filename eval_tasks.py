@@ -48,10 +48,8 @@ SQUAD_HUB_ID = "rajpurkar/squad"
 # eriktks/conll2003 (canonical) still ships a loading script, which datasets >= 4 refuses; this is a Parquet copy.
 CONLL_HUB_ID = "lhoestq/conll2003"
 
-
 def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
-
 
 @dataclasses.dataclass
 class Args:
@@ -116,7 +114,6 @@ def load_squad(args: Args):
         splits[split] = datasets.Dataset.from_list(kept)
     return datasets.DatasetDict(splits)
 
-
 def read_squad_json(path: str) -> list[dict]:
     """The official layout, data[].paragraphs[].qas[], as one flat record per question."""
     common.require_file(path, "--train_file/--validation_file")
@@ -140,7 +137,6 @@ def read_squad_json(path: str) -> list[dict]:
         raise UserError(f"{path}: no questions; expected SQuAD v1.1 JSON")
     return records
 
-
 def read_conll(path: str, flag: str) -> list[dict]:
     """`token POS chunk NER` or `token tag` lines (IOB1 or IOB2), sentences apart by blank lines or -DOCSTART-."""
     common.require_file(path, flag)
@@ -158,7 +154,6 @@ def read_conll(path: str, flag: str) -> list[dict]:
     if not sentences:
         raise UserError(f"{path}: no sentences; expected CoNLL-2003 columns")
     return sentences
-
 
 def load_conll(args: Args):
     """CoNLL-2003 from column files or the Hub, whose integer ner_tags become tag names."""
@@ -182,7 +177,6 @@ def prepare_glue(examples, tokenizer, spec: common.GlueTask, max_len: int):
     encoded["labels"] = examples["label"]
     return encoded
 
-
 def prepare_conll(examples, tokenizer, label_to_id: dict, max_len: int):
     """run_ner's convention: a word's first sub-token carries its tag, the other sub-tokens and the special
     tokens get -100 (no loss). `word_index`: the word a first sub-token starts (-1 elsewhere)."""
@@ -198,7 +192,6 @@ def prepare_conll(examples, tokenizer, label_to_id: dict, max_len: int):
         encoded["labels"].append(labels)
         encoded["word_index"].append(word_index)
     return encoded
-
 
 def prepare_squad(examples, tokenizer, max_len: int, stride: int):
     """[CLS] question [SEP] context window [SEP]: a long context becomes several windows ("features") overlapping
@@ -224,9 +217,7 @@ def prepare_squad(examples, tokenizer, max_len: int, stride: int):
         encoded["end_positions"].append(end)
     return encoded
 
-
 POSTPROCESSING_ONLY = {"glue": [], "squad": ["example_id", "offset_mapping"], "conll2003": ["word_index"]}
-
 
 def preprocess(args: Args, data, tokenizer, head: dict):
     """(training features: model inputs and labels, features of every split: also what post-processing needs)."""
@@ -324,7 +315,6 @@ def predict(model, features, collator, args: Args, device) -> list[dict]:
             outputs.append({k: v if k == "logits" and v.ndim == 1 else v[:n] for k, v in logits.items()})
     return outputs
 
-
 def evaluate_glue(model, data, features, collator, args: Args, device):
     """Metrics on each dev split (MNLI's mismatched one gets the suffix _mm, as in run_glue); records."""
     spec, metrics, records = common.GLUE_TASKS[args.task], {}, []
@@ -339,7 +329,6 @@ def evaluate_glue(model, data, features, collator, args: Args, device):
                     for i, (row, p) in enumerate(zip(data[split], predicted))]
     return metrics, records
 
-
 def evaluate_conll(model, data, features, collator, args: Args, device):
     """A word's tag is the argmax at its first sub-token; words cut off by max_seq_length are tagged O."""
     outputs = predict(model, features["validation"], collator, args, device)
@@ -353,7 +342,6 @@ def evaluate_conll(model, data, features, collator, args: Args, device):
     records = [{"index": i, "tokens": tokens, "label": gold, "prediction": predicted} for i, (tokens, gold, predicted)
                in enumerate(zip(data["validation"]["tokens"], references, predictions))]
     return common.conll_metrics(predictions, references), records
-
 
 def squad_best_spans(examples, features, outputs, n_best_size: int, max_answer_length: int) -> dict[str, dict]:
     """run_qa's post-processing: over all windows of an example, the n_best_size highest start and end logits; the
@@ -376,7 +364,6 @@ def squad_best_spans(examples, features, outputs, n_best_size: int, max_answer_l
                         best = {"text": example["context"][offsets[s][0]:offsets[e][1]], "score": score}
         answers[example["id"]] = best
     return answers
-
 
 def evaluate_squad(model, data, features, collator, args: Args, device):
     """Exact match and F1 of the best span per question, as the official v1.1 script scores them."""
@@ -408,7 +395,6 @@ def task_head(args: Args, data) -> dict:
         return {}  # SQuAD: a start and an end logit per token
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {name: i for i, name in enumerate(names)}}
-
 
 def run_one(args: Args, data, head: dict, dist, device) -> dict:
     """Fine-tune args.model with a new task head and score it on dev; writes into args.output_dir."""
@@ -448,7 +434,6 @@ def run_one(args: Args, data, head: dict, dist, device) -> dict:
         torch.distributed.barrier()
     return results
 
-
 def markdown_table(rows: dict[str, dict], task: str) -> str:
     """Models x metrics, every score x100 (SQuAD's are on that scale already)."""
     metrics = sorted({k for r in rows.values() for k in r if k.startswith("eval_") and k != "eval_samples"})
@@ -457,7 +442,6 @@ def markdown_table(rows: dict[str, dict], task: str) -> str:
     for model, r in rows.items():
         lines.append(f"| {model} | " + " | ".join(f"{scale * r[m]:.2f}" if m in r else "" for m in metrics) + " |")
     return "\n".join(lines)
-
 
 def main(args: Args) -> dict:
     # BOILERPLATE: inputs and settings, all checked before anything is written.
@@ -539,7 +523,6 @@ def main(args: Args) -> dict:
         return rows if args.compare else rows[args.model]
     finally:
         common.cleanup_distributed(dist)
-
 
 if __name__ == "__main__":
     common.run_cli(main, Args)

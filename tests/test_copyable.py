@@ -13,13 +13,11 @@ import adkd_distill as adkd
 import iit_distill as iit
 from conftest import tiny_config
 
-
 def copied(function):
     """`function` re-created from its source text alone, as a reader pasting it would get it."""
     namespace = {"torch": torch, "F": F, "math": math}
     exec(compile(inspect.getsource(function), f"<copy of {function.__name__}>", "exec"), namespace)
     return namespace[function.__name__]
-
 
 def same(a, b):
     if isinstance(a, torch.Tensor):
@@ -32,7 +30,6 @@ def same(a, b):
         return same(a.logits, b.logits)
     return a == b
 
-
 @pytest.fixture(scope="module")
 def mlm():
     torch.manual_seed(0)
@@ -42,7 +39,6 @@ def mlm():
     attn = torch.ones_like(ids)
     attn[1, 6:] = 0
     return model, ids, attn
-
 
 @pytest.fixture(scope="module")
 def classifier():
@@ -54,7 +50,6 @@ def classifier():
     attn = torch.ones_like(ids)
     attn[2, 5:] = 0
     return model, ids, attn
-
 
 def iit_cases(model, ids, attn):
     mask = attn.bool()
@@ -76,7 +71,6 @@ def iit_cases(model, ids, attn):
         "mlm_loss": lambda f: f(logits_s, labels),
     }
 
-
 def adkd_cases(model, ids, attn):
     target = torch.tensor([0, 2, 1])
     attributions = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(7))
@@ -94,14 +88,12 @@ def adkd_cases(model, ids, attn):
         "kd_temperature": lambda f: [f(4.0, "kd_anneal", epoch, 5) for epoch in range(5)],
     }
 
-
 @pytest.mark.parametrize("name", list(iit_cases(None, torch.zeros(3, 9), torch.ones(3, 9))))
 def test_iit_function_runs_from_its_source_alone(name, mlm):
     call = iit_cases(*mlm)[name]
     function = getattr(iit, name)
     with torch.no_grad():
         assert same(call(copied(function)), call(function)), name
-
 
 @pytest.mark.parametrize("name", list(adkd_cases(None, torch.zeros(3, 7), torch.ones(3, 7))))
 def test_adkd_function_runs_from_its_source_alone(name, classifier):
