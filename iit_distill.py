@@ -27,7 +27,6 @@ import functools
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -104,9 +103,8 @@ PRESETS = {
                   per_device_train_batch_size=40, gradient_accumulation_steps=6, learning_rate=5e-4,
                   num_train_epochs=3.0, max_steps=-1, logging_steps=50, save_steps=2000, output_dir="runs/iit-paper",
                   num_proc=min(8, os.cpu_count() or 1), mlm_smoothing=0.7),
-    # CPU demo, no downloads: a pretrained 6-block MiniLM with a fitted MLM head as the teacher, 3 of its blocks
-    # as the student, ~100 Wikipedia articles shipped with gensim. Uniform masking: in a 100-step run,
-    # frequency-smoothed masking pulls the student towards rare words and raises its perplexity.
+    # CPU demo, no downloads: MiniLM (6 blocks, MLM head fitted) teaches 3 of its blocks on ~100 Wikipedia articles
+    # from gensim. Uniform masking: in a short run, smoothed masking pulls the student to rare words.
     "demo": dict(teacher=None, student_layers="0,3,5", max_seq_length=64, per_device_train_batch_size=8,
                  gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
@@ -545,11 +543,7 @@ def demo_teacher(args: Args) -> Path:
                 print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}",
                       flush=True)
     model.requires_grad_(True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    common.save_model(partial, model, tokenizer)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    common.save_model(folder, model, tokenizer)  # weights written last: a folder with them holds a whole teacher
     return folder
 
 def load_models(args: Args, dist, device, log):
