@@ -364,7 +364,8 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     bad = [(lineno, len(row)) for lineno, row in numbered if len(row) != width]
     good = [(lineno, row) for lineno, row in numbered if len(row) == width]
     if not good:
-        detail = f"line {bad[0][0]} has {bad[0][1]} tab-separated fields, expected {width}" if bad else "it has no data rows"
+        detail = (f"line {bad[0][0]} has {bad[0][1]} tab-separated fields, expected {width}" if bad
+                  else "it has no data rows")
         raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE {spec.folder} "
                         f"layout")
     if bad:
