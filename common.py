@@ -1,7 +1,5 @@
 """What the three scripts share: the teacher -> student layer map, GLUE/SQuAD/CoNLL data and scoring, and a few
 run helpers (seed, device, DDP, checkpoints, one-line errors). Nothing here knows which method runs."""
-from __future__ import annotations
-
 import collections
 import contextlib
 import csv
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 # ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
 class UserError(Exception):
@@ -36,7 +35,6 @@ def run_cli(main, args_class, argv=None):
         sys.exit(2)
 
 def apply_preset(args, preset: dict) -> None:
-    """Fill every field of `args` that is still None from `preset`: a flag given explicitly wins."""
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -202,8 +200,7 @@ def write_json(path: str | Path, obj) -> None:
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(f"{path}.tmp", path)
 
-def unwrap(model):
-    """The bare model inside DistributedDataParallel (no wrapper prefixes in saved weights)."""
+def unwrap(model):  # the bare model inside DistributedDataParallel: no wrapper prefixes in saved weights
     return model.module if hasattr(model, "module") else model
 
 def save_model(output_dir: str | Path, model, tokenizer) -> None:
@@ -217,8 +214,7 @@ def save_model(output_dir: str | Path, model, tokenizer) -> None:
         os.replace(file, Path(output_dir) / file.name)
     tmp.rmdir()
 
-def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
+def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep=2):
     """`output_dir/checkpoint-<step>/`: model, tokenizer and `training_state.pt` (optimizer, scheduler, RNGs and
     `state`). Only the newest `keep` checkpoints stay."""
     final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".checkpoint-{step}.tmp"
@@ -233,15 +229,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimiz
     os.replace(tmp, final)
     for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore what `save_checkpoint` wrote into the model, optimizer, scheduler and RNGs; return the rest."""
     from safetensors.torch import load_file
     path = Path(path)
-    if not (path / "model.safetensors").is_file() or not (path / "training_state.pt").is_file():
-        raise UserError(f"checkpoint '{path}' has no model.safetensors and training_state.pt; "
-                        f"pass a checkpoint-<step> folder to --resume_from_checkpoint")
     try:
         tensors = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
@@ -263,25 +255,20 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     return state
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The `checkpoint-<step>` folders in `output_dir`, oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    return (checkpoints(output_dir) or [None])[-1]
 
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
     """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-<step> in output_dir) or a checkpoint folder."""
     if value is None:
         return None
-    path = latest_checkpoint(output_dir) if value == "latest" else Path(value)
-    if path is None or not (path / "training_state.pt").is_file():
+    path = (checkpoints(output_dir) or [None])[-1] if value == "latest" else Path(value)
+    if path is None or not ((path / "model.safetensors").is_file() and (path / "training_state.pt").is_file()):
         where = f"no checkpoint-<step> folder in '{output_dir}'" if path is None else f"'{path}' is not one"
         raise UserError(f"--resume_from_checkpoint needs a checkpoint-<step> folder ({where})")
     return path
 
 def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a file, or over a finished run unless asked to (--overwrite_output_dir)."""
     out = Path(output_dir)
     if out.is_file():
         raise UserError(f"--output_dir '{out}' is a file; pass a folder")
@@ -357,9 +344,7 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
         if missing:
             raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
                             f"GLUE {spec.folder} layout")
-        width = len(header)  # MNLI and STS-B: the gold label is the last column
-        columns = [header.index(c) for c in columns[:-1]] + [-1 if spec.name in ("mnli", "stsb") else
-                                                             header.index(columns[-1])]
+        columns, width = [header.index(column) for column in columns], len(header)
     numbered = [(lineno, row) for lineno, row in enumerate(rows, start=first) if row not in ([], [""])]
     bad = [(lineno, len(row)) for lineno, row in numbered if len(row) != width]
     good = [(lineno, row) for lineno, row in numbered if len(row) == width]
@@ -404,11 +389,9 @@ def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     out["label"] = [glue_label(spec, record["label"], f"{path}, line {lineno}") for lineno, record in records]
     return out
 
-def load_glue(task: str, data_dir: str | None = None, train_file: str | None = None,
-              validation_file: str | None = None):
-    """A GLUE task as a DatasetDict: the splits of `GlueTask.files`, the hub's text columns + "label" (an id; STS-B:
-    a float). Each split comes from its file flag (CSV/JSON with hub columns, or an official .tsv), else `data_dir`
-    (the official task folder, or glue_data/ holding it), else the Hub."""
+def load_glue(task: str, data_dir=None, train_file=None, validation_file=None):
+    """The splits of `GlueTask.files`, the hub's text columns + "label" (an id; STS-B: a float), each from its file
+    flag (hub-column CSV/JSON, or an official .tsv), else `data_dir` (glue_data/ or its task folder), else the Hub."""
     import datasets
     spec = glue_task(task)
     require_file(train_file, "--train_file")
@@ -473,12 +456,6 @@ def matthews_correlation(predictions, labels) -> float:
     denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
     return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
 
-def binary_f1(predictions, labels) -> float:
-    """F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count."""
-    p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
-    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
-    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0
-
 def pearson(x, y) -> float:
     """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
     x, y = _as_array(x).astype(float), _as_array(y).astype(float)
@@ -499,7 +476,6 @@ def spearman(x, y) -> float:
 def glue_metrics(task: str, predictions, labels) -> dict:
     """The `glue` metric's keys, in 0..1: cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
     accuracy, f1; others -> accuracy. Predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
-    task = {"mnli_matched": "mnli", "mnli_mismatched": "mnli", "mnli-mm": "mnli"}.get(task, task)
     spec = glue_task(task)
     p, y = _as_array(predictions), _as_array(labels)
     if spec.is_regression:
@@ -510,8 +486,13 @@ def glue_metrics(task: str, predictions, labels) -> dict:
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if task == "cola":
         return {"matthews_correlation": matthews_correlation(p, y)}
-    accuracy = float(np.mean(p.astype(int) == y.astype(int))) if len(y) else 0.0
-    return {"accuracy": accuracy, "f1": binary_f1(p, y)} if task in ("mrpc", "qqp") else {"accuracy": accuracy}
+    p, y = p.astype(int), y.astype(int)
+    accuracy = float(np.mean(p == y)) if len(y) else 0.0
+    if task not in ("mrpc", "qqp"):
+        return {"accuracy": accuracy}
+    # F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count
+    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
+    return {"accuracy": accuracy, "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0}
 
 def normalize_answer(text: str) -> str:
     """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
