@@ -1,6 +1,6 @@
 """Does each method beat its baseline here? IIT vs standard distillation, downstream scores, AD-KD vs KD.
 
-    python tests/bench_quality.py            # the full benchmark: about 105 minutes on 2 quiet CPU cores
+    python tests/bench_quality.py            # the full benchmark: ~105 min on 2 quiet cores (123 min measured, shared)
     python tests/bench_quality.py --quick    # every row once with small budgets, a smoke check (~15 minutes)
     python tests/bench_quality.py --max_steps 2 --max_eval_samples 16 --out /tmp/bq   # plumbing only
 
