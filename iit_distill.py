@@ -17,8 +17,6 @@ M is every non-pad base token, T = 2, every a = 0.25 but a_iit_cos = 0 (the pape
     python iit_distill.py --task mlm --alpha_iit 0 --alpha_ce 0.33 --alpha_mlm 0.33 --alpha_cos 0.33  # baseline
 """
 
-from __future__ import annotations
-
 import bz2
 import contextlib
 import dataclasses
@@ -422,25 +420,16 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
     masked[chosen & (action >= 0.9)] = random_ids[chosen & (action >= 0.9)]
     return masked, labels
 
-def pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        seq = seq[:length]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-    return ids, attention
-
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
                with_iit: bool) -> dict:
     """Base sequences and, for IIT, their sources padded to the longest base (a longer source is cut, as
     officially), each masked independently, and the swap masks. On `device`."""
     vocab, special, mask_id = len(tokenizer), set(tokenizer.all_special_ids), tokenizer.mask_token_id
-    base = train_ids[indices]["input_ids"]
-    length = max(len(s) for s in base)
-    ids, attention = (t.to(device) for t in pad(base, length, tokenizer.pad_token_id))
-    source = train_ids[[int(source_of[i]) for i in indices]]["input_ids"]
-    source_ids, source_attention = (t.to(device) for t in pad(source, length, tokenizer.pad_token_id))
+    base = tokenizer.pad({"input_ids": train_ids[indices]["input_ids"]}, return_tensors="pt").to(device)
+    ids, attention, length = base["input_ids"], base["attention_mask"], base["input_ids"].shape[1]
+    source = [s[:length] for s in train_ids[[int(source_of[i]) for i in indices]]["input_ids"]]
+    source = tokenizer.pad({"input_ids": source}, padding="max_length", max_length=length, return_tensors="pt")
+    source_ids, source_attention = source["input_ids"].to(device), source["attention_mask"].to(device)
     batch = {"attention_mask": attention}
     batch["input_ids"], batch["labels"] = mlm_mask(ids, attention, mask_id, vocab, special, args.mlm_probability,
                                                    weights)
@@ -494,7 +483,8 @@ def demo_teacher(args: Args) -> Path:
         model.train()
         for step in range(steps):  # batches of 16 sequences of up to 64 tokens
             chunk = data[[order[((phase * 1000 + step) * 16 + j) % len(data)] for j in range(16)]]["input_ids"]
-            ids, attn = pad(chunk, max(len(s) for s in chunk), tokenizer.pad_token_id)
+            padded = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+            ids, attn = padded["input_ids"], padded["attention_mask"]
             masked, labels = mlm_mask(ids, attn, tokenizer.mask_token_id, len(tokenizer),
                                       set(tokenizer.all_special_ids), 0.15, weights, generator)
             with torch.no_grad() if phase == 0 else contextlib.nullcontext():
@@ -613,7 +603,8 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
     model.eval()
     for start in range(0, len(eval_ids), args.per_device_eval_batch_size):
         chunk = eval_ids[start:start + args.per_device_eval_batch_size]["input_ids"]
-        ids, attn = pad(chunk, max(len(s) for s in chunk), tokenizer.pad_token_id)
+        padded = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+        ids, attn = padded["input_ids"], padded["attention_mask"]
         masked, labels = mlm_mask(ids, attn, tokenizer.mask_token_id, len(tokenizer), set(tokenizer.all_special_ids),
                                   0.15, weights=None, generator=generator)
         logits = model(input_ids=masked.to(device), attention_mask=attn.to(device)).logits
