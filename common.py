@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
 class UserError(Exception):
     """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
 
 def run_cli(main, args_class, argv=None):
-    """Parse `argv` into `args_class` (HfArgumentParser) and run `main(args)`; a UserError exits 2, no traceback."""
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
     try:
@@ -48,7 +46,6 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; a named device this machine lacks is a UserError."""
     mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -76,7 +73,6 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     device = get_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(), device
@@ -101,7 +97,6 @@ def main_process_first(dist: Dist):
 def cleanup_distributed(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
 
 # ---- Models and datasets from a folder, the cache or the Hub, with one-line errors ----------------------------------
 
@@ -159,7 +154,6 @@ def require_file(path: str | None, flag: str) -> None:
     if path is not None and Path(path).stat().st_size == 0:
         raise UserError(f"{flag} '{path}' is empty")
 
-
 # ---- The teacher -> student layer map --------------------------------------------------------------------------------
 
 def parse_layers(text: str) -> list[int]:
@@ -176,8 +170,7 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
     return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the encoder blocks `layers`, in that order; every other tensor (embeddings, pooler,
-    task or MLM head) is copied under its own name."""
+    """The teacher with only the encoder blocks `layers`, in that order; every other tensor is copied by name."""
     n = teacher.config.num_hidden_layers
     if not layers or any(not 0 <= layer < n for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
@@ -192,7 +185,6 @@ def init_student_from_teacher(teacher, layers: list[int]):
 
     student.load_state_dict({key: teacher_weights[teacher_key(key)].clone() for key in student.state_dict()})
     return student
-
 
 # ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
 
@@ -215,8 +207,7 @@ def save_model(output_dir: str | Path, model, tokenizer) -> None:
     tmp.rmdir()
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep=2):
-    """`output_dir/checkpoint-<step>/`: model, tokenizer and `training_state.pt` (optimizer, scheduler, RNGs and
-    `state`). Only the newest `keep` checkpoints stay."""
+    """`output_dir/checkpoint-<step>/`: model, tokenizer, training_state.pt (optimizer, scheduler, RNGs, `state`)."""
     final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, model, tokenizer)
@@ -276,7 +267,6 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
     if finished and not overwrite and not resuming:
         raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
                         f"--resume_from_checkpoint or another folder")
-
 
 # ---- GLUE data, with the Hub's `glue` column names and label orders --------------------------------------------------
 
@@ -439,7 +429,6 @@ def demo_polarity(fold: int = 0):
         {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]},
         features=features) for split, part in splits.items()})
 
-
 # ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
 def _as_array(x) -> np.ndarray:
@@ -470,7 +459,6 @@ def average_ranks(x) -> np.ndarray:
     return (last_rank - (counts - 1) / 2)[group]
 
 def spearman(x, y) -> float:
-    """Spearman correlation = Pearson correlation of the average ranks."""
     return pearson(average_ranks(x), average_ranks(y))
 
 def glue_metrics(task: str, predictions, labels) -> dict:
