@@ -107,11 +107,10 @@ def hub_reachable() -> bool:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # behind a proxy a direct connection says nothing: let the real request decide
     from huggingface_hub import constants
-    try:
+    with contextlib.suppress(OSError):
         socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
         return True
-    except OSError:
-        return False
+    return False
 
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -177,13 +176,10 @@ def init_student_from_teacher(teacher, layers: list[int]):
     config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
     student = teacher.__class__(config)
     teacher_weights = teacher.state_dict()
-
-    def teacher_key(key: str) -> str:  # student block i <- teacher block layers[i]
-        prefix, found, rest = key.partition(".encoder.layer.")
-        index, _, tail = rest.partition(".")
-        return f"{prefix}.encoder.layer.{layers[int(index)]}.{tail}" if found else key
-
-    student.load_state_dict({key: teacher_weights[teacher_key(key)].clone() for key in student.state_dict()})
+    block = re.compile(r"\.encoder\.layer\.(\d+)\.")  # student block i <- teacher block layers[i]
+    teacher_key = {key: block.sub(lambda found: f".encoder.layer.{layers[int(found[1])]}.", key)
+                   for key in student.state_dict()}
+    student.load_state_dict({key: teacher_weights[teacher_key[key]].clone() for key in teacher_key})
     return student
 
 # ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
@@ -350,18 +346,16 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     return out
 
 def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
-    """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
+    """A user file with the hub's column names: CSV with a header, JSON lines or a JSON list."""
     needed = [*spec.sentence_keys, "label"]
     if path.suffix.lower() not in (".json", ".jsonl"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             records = list(enumerate(csv.DictReader(f), start=2))
     else:
         text = path.read_text(encoding="utf-8")
-        try:  # a JSON list, {"data": [...]} or a one-record file; "line" is the record number
+        try:  # a JSON list, or one record (a one-line JSON-lines file); "line" is the record number
             records = json.loads(text)
-            if isinstance(records, dict):
-                records = records["data"] if isinstance(records.get("data"), list) else [records]
-            records = list(enumerate(records, start=1))
+            records = list(enumerate(records if isinstance(records, list) else [records], start=1))
         except json.JSONDecodeError:  # JSON lines
             records = []
             for lineno, line in enumerate(text.splitlines(), start=1):
@@ -422,12 +416,11 @@ def demo_polarity(fold: int = 0):
         raise UserError(f"demo fold {fold} must be in 0..4")
     text = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252")  # 0x97 is an em dash
     rows = [line.split(" ", 1) for line in text.splitlines() if line.strip()]
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")})
     splits = {"train": [row for i, row in enumerate(rows) if i % 5 != fold],
               "validation": [row for i, row in enumerate(rows) if i % 5 == fold]}
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
-        {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]},
-        features=features) for split, part in splits.items()})
+        {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]})
+        for split, part in splits.items()})
 
 # ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
@@ -466,10 +459,10 @@ def glue_metrics(task: str, predictions, labels) -> dict:
     accuracy, f1; others -> accuracy. Predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
     spec = glue_task(task)
     p, y = _as_array(predictions), _as_array(labels)
+    if p.ndim > 1:
+        p = p.reshape(len(y), -1)[:, 0] if spec.is_regression else p.argmax(-1)
     if spec.is_regression:
-        p = p.reshape(len(y), -1)[:, 0] if p.ndim > 1 else p
         return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
-    p = p.argmax(-1) if p.ndim > 1 else p
     if len(p) != len(y):
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if task == "cola":
@@ -532,12 +525,10 @@ def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> 
     """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
     tp = n_predicted = n_gold = correct_tokens = n_tokens = 0
     for predicted_tags, gold_tags in zip(predictions, references, strict=True):
-        if len(predicted_tags) != len(gold_tags):
-            raise ValueError(f"a sentence has {len(predicted_tags)} predicted tags but {len(gold_tags)} gold tags")
         predicted_spans, gold_spans = entity_spans(predicted_tags), entity_spans(gold_tags)
         tp += len(predicted_spans & gold_spans)
         n_predicted, n_gold = n_predicted + len(predicted_spans), n_gold + len(gold_spans)
-        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags))
+        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags, strict=True))
         n_tokens += len(gold_tags)
     precision = tp / n_predicted if n_predicted else 0.0
     recall = tp / n_gold if n_gold else 0.0
