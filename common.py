@@ -60,8 +60,7 @@ def get_device(name: str = "auto") -> torch.device:
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where the offline demos cache data and teachers: `cache_dir`, else $XDG_CACHE_HOME (~/.cache)/bert-distill."""
+def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
 
 @dataclasses.dataclass
