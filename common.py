@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
 class UserError(Exception):
     """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
 
 def run_cli(main, args_class, argv=None):
-    """Parse `argv` into `args_class` (HfArgumentParser) and run `main(args)`; a UserError exits 2, no traceback."""
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
     try:
@@ -48,7 +46,6 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; a named device this machine lacks is a UserError."""
     mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -63,8 +60,7 @@ def get_device(name: str = "auto") -> torch.device:
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where the offline demos cache data and teachers: `cache_dir`, else $XDG_CACHE_HOME (~/.cache)/bert-distill."""
+def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
 
 @dataclasses.dataclass
@@ -76,7 +72,6 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     device = get_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(), device
@@ -102,7 +97,6 @@ def cleanup_distributed(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
-
 # ---- Models and datasets from a folder, the cache or the Hub, with one-line errors ----------------------------------
 
 def hub_reachable() -> bool:
@@ -112,11 +106,10 @@ def hub_reachable() -> bool:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # behind a proxy a direct connection says nothing: let the real request decide
     from huggingface_hub import constants
-    try:
+    with contextlib.suppress(OSError):
         socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
         return True
-    except OSError:
-        return False
+    return False
 
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -159,7 +152,6 @@ def require_file(path: str | None, flag: str) -> None:
     if path is not None and Path(path).stat().st_size == 0:
         raise UserError(f"{flag} '{path}' is empty")
 
-
 # ---- The teacher -> student layer map --------------------------------------------------------------------------------
 
 def parse_layers(text: str) -> list[int]:
@@ -176,23 +168,18 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
     return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the encoder blocks `layers`, in that order; every other tensor (embeddings, pooler,
-    task or MLM head) is copied under its own name."""
+    """The teacher with only the encoder blocks `layers`, in that order; every other tensor is copied by name."""
     n = teacher.config.num_hidden_layers
     if not layers or any(not 0 <= layer < n for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
     config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
     student = teacher.__class__(config)
     teacher_weights = teacher.state_dict()
-
-    def teacher_key(key: str) -> str:  # student block i <- teacher block layers[i]
-        prefix, found, rest = key.partition(".encoder.layer.")
-        index, _, tail = rest.partition(".")
-        return f"{prefix}.encoder.layer.{layers[int(index)]}.{tail}" if found else key
-
-    student.load_state_dict({key: teacher_weights[teacher_key(key)].clone() for key in student.state_dict()})
+    block = re.compile(r"\.encoder\.layer\.(\d+)\.")  # student block i <- teacher block layers[i]
+    teacher_key = {key: block.sub(lambda found: f".encoder.layer.{layers[int(found[1])]}.", key)
+                   for key in student.state_dict()}
+    student.load_state_dict({key: teacher_weights[teacher_key[key]].clone() for key in teacher_key})
     return student
-
 
 # ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
 
@@ -215,8 +202,7 @@ def save_model(output_dir: str | Path, model, tokenizer) -> None:
     tmp.rmdir()
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep=2):
-    """`output_dir/checkpoint-<step>/`: model, tokenizer and `training_state.pt` (optimizer, scheduler, RNGs and
-    `state`). Only the newest `keep` checkpoints stay."""
+    """`output_dir/checkpoint-<step>/`: model, tokenizer, training_state.pt (optimizer, scheduler, RNGs, `state`)."""
     final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, model, tokenizer)
@@ -276,7 +262,6 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
     if finished and not overwrite and not resuming:
         raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
                         f"--resume_from_checkpoint or another folder")
-
 
 # ---- GLUE data, with the Hub's `glue` column names and label orders --------------------------------------------------
 
@@ -360,18 +345,16 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     return out
 
 def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
-    """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
+    """A user file with the hub's column names: CSV with a header, JSON lines or a JSON list."""
     needed = [*spec.sentence_keys, "label"]
     if path.suffix.lower() not in (".json", ".jsonl"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             records = list(enumerate(csv.DictReader(f), start=2))
     else:
         text = path.read_text(encoding="utf-8")
-        try:  # a JSON list, {"data": [...]} or a one-record file; "line" is the record number
+        try:  # a JSON list, or one record (a one-line JSON-lines file); "line" is the record number
             records = json.loads(text)
-            if isinstance(records, dict):
-                records = records["data"] if isinstance(records.get("data"), list) else [records]
-            records = list(enumerate(records, start=1))
+            records = list(enumerate(records if isinstance(records, list) else [records], start=1))
         except json.JSONDecodeError:  # JSON lines
             records = []
             for lineno, line in enumerate(text.splitlines(), start=1):
@@ -432,13 +415,11 @@ def demo_polarity(fold: int = 0):
         raise UserError(f"demo fold {fold} must be in 0..4")
     text = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252")  # 0x97 is an em dash
     rows = [line.split(" ", 1) for line in text.splitlines() if line.strip()]
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")})
     splits = {"train": [row for i, row in enumerate(rows) if i % 5 != fold],
               "validation": [row for i, row in enumerate(rows) if i % 5 == fold]}
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
-        {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]},
-        features=features) for split, part in splits.items()})
-
+        {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]})
+        for split, part in splits.items()})
 
 # ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
@@ -470,7 +451,6 @@ def average_ranks(x) -> np.ndarray:
     return (last_rank - (counts - 1) / 2)[group]
 
 def spearman(x, y) -> float:
-    """Spearman correlation = Pearson correlation of the average ranks."""
     return pearson(average_ranks(x), average_ranks(y))
 
 def glue_metrics(task: str, predictions, labels) -> dict:
@@ -478,10 +458,10 @@ def glue_metrics(task: str, predictions, labels) -> dict:
     accuracy, f1; others -> accuracy. Predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
     spec = glue_task(task)
     p, y = _as_array(predictions), _as_array(labels)
+    if p.ndim > 1:
+        p = p.reshape(len(y), -1)[:, 0] if spec.is_regression else p.argmax(-1)
     if spec.is_regression:
-        p = p.reshape(len(y), -1)[:, 0] if p.ndim > 1 else p
         return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
-    p = p.argmax(-1) if p.ndim > 1 else p
     if len(p) != len(y):
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if task == "cola":
@@ -544,12 +524,10 @@ def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> 
     """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
     tp = n_predicted = n_gold = correct_tokens = n_tokens = 0
     for predicted_tags, gold_tags in zip(predictions, references, strict=True):
-        if len(predicted_tags) != len(gold_tags):
-            raise ValueError(f"a sentence has {len(predicted_tags)} predicted tags but {len(gold_tags)} gold tags")
         predicted_spans, gold_spans = entity_spans(predicted_tags), entity_spans(gold_tags)
         tp += len(predicted_spans & gold_spans)
         n_predicted, n_gold = n_predicted + len(predicted_spans), n_gold + len(gold_spans)
-        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags))
+        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags, strict=True))
         n_tokens += len(gold_tags)
     precision = tp / n_predicted if n_predicted else 0.0
     recall = tp / n_gold if n_gold else 0.0
