@@ -72,6 +72,7 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     device = get_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(), device
@@ -345,16 +346,18 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     return out
 
 def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
-    """A user file with the hub's column names: CSV with a header, JSON lines or a JSON list."""
+    """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
     needed = [*spec.sentence_keys, "label"]
     if path.suffix.lower() not in (".json", ".jsonl"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             records = list(enumerate(csv.DictReader(f), start=2))
     else:
         text = path.read_text(encoding="utf-8")
-        try:  # a JSON list, or one record (a one-line JSON-lines file); "line" is the record number
+        try:  # a JSON list, {"data": [...]} or a one-record file; "line" is the record number
             records = json.loads(text)
-            records = list(enumerate(records if isinstance(records, list) else [records], start=1))
+            if isinstance(records, dict):
+                records = records["data"] if isinstance(records.get("data"), list) else [records]
+            records = list(enumerate(records, start=1))
         except json.JSONDecodeError:  # JSON lines
             records = []
             for lineno, line in enumerate(text.splitlines(), start=1):
