@@ -9,8 +9,10 @@ Random-weight models of the papers' shapes (no download): a 12-layer bert-base-s
 memory: CUDA's allocator peak, or on CPU the peak resident set (VmHWM) of a fresh process running
 only that method (model weights and optimiser state included). Work: the floating-point operations
 of a step (mean over the warm-up steps) as torch.utils.flop_counter counts them (matrix products,
-which dominate), so each time ratio can be read against the work ratio beneath it. Not collected by
-pytest (the file name does not start with test_).
+which dominate), so each time ratio can be read against the work ratio beneath it. System time: the
+kernel's share of each step (getrusage), mostly page faults; on CPU the scripts call
+common.tune_cpu_allocator(), as this benchmark does unless --default_malloc. Not collected by pytest
+(the file name does not start with test_).
 """
 
 from __future__ import annotations
@@ -163,10 +165,11 @@ def count_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def time_methods(steps: dict, device, warmup: int, repeats: int) -> tuple[dict, dict]:
-    """Per method: the times of the timed steps, and the mean FLOPs of the warm-up steps (counting
-    slows a step down, hence only on the untimed ones; at least one warm-up step is run)."""
+def time_methods(steps: dict, device, warmup: int, repeats: int) -> tuple[dict, dict, dict]:
+    """Per method: the wall and system times of the timed steps, and the mean FLOPs of the warm-up steps
+    (counting slows a step down, hence only on the untimed ones; at least one warm-up step is run)."""
     times = {name: [] for name in steps}
+    system = {name: [] for name in steps}
     flops = {name: [] for name in steps}
     for i in range(max(warmup, 1) + repeats):
         for name, step in steps.items():  # interleaved: drifts in machine speed hit every method alike
@@ -174,14 +177,15 @@ def time_methods(steps: dict, device, warmup: int, repeats: int) -> tuple[dict, 
                 flops[name].append(count_flops(step))
                 continue
             sync(device)
-            start = time.perf_counter()
+            start, start_sys = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
             step()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return times, {name: statistics.mean(f) for name, f in flops.items()}
+            system[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - start_sys)
+    return times, system, {name: statistics.mean(f) for name, f in flops.items()}
 
 
-def peak_memory(name: str, device, warmup: int) -> float:
+def peak_memory(name: str, device, warmup: int, default_malloc: bool) -> float:
     """MiB: CUDA allocator peak, or the peak RSS of a fresh process that runs only `name`."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -189,7 +193,8 @@ def peak_memory(name: str, device, warmup: int) -> float:
         for _ in range(warmup):
             step()
         return torch.cuda.max_memory_allocated() / 2**20
-    out = subprocess.run([sys.executable, __file__, "--only", name, "--warmup", str(warmup)],
+    flags = ["--default_malloc"] if default_malloc else []
+    out = subprocess.run([sys.executable, __file__, "--only", name, "--warmup", str(warmup), *flags],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -200,9 +205,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--methods", default="standard,iit,iit_naive,kd,kd_cached,adkd,adkd_naive")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--default_malloc", action="store_true", help="without common.tune_cpu_allocator()")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one method in a fresh process
     cli = parser.parse_args()
     device = common.get_device("auto")
+    if device.type == "cpu" and not cli.default_malloc:
+        common.tune_cpu_allocator()  # as the scripts do on CPU
     if cli.only:
         step = METHODS[cli.only](cli.only, device)
         for _ in range(cli.warmup):
@@ -214,16 +222,20 @@ def main():
         print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
         return
     names = cli.methods.split(",")
+    allocator = "glibc defaults" if cli.default_malloc else "common.tune_cpu_allocator()"
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {BATCH} x {SEQ} tokens, "
-          f"bert-base teacher (12 x 768), 6-layer student; {cli.warmup} warm-up + {cli.repeats} timed steps each")
+          f"bert-base teacher (12 x 768), 6-layer student; {cli.warmup} warm-up + {cli.repeats} timed steps each; "
+          f"CPU allocator: {allocator}")
     steps = {name: METHODS[name](name, device) for name in names}
-    times, flops = time_methods(steps, device, cli.warmup, cli.repeats)
+    times, system, flops = time_methods(steps, device, cli.warmup, cli.repeats)
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    memory = {} if cli.no_memory else {name: peak_memory(name, device, cli.warmup) for name in names}
+    memory = {} if cli.no_memory else {name: peak_memory(name, device, cli.warmup, cli.default_malloc)
+                                       for name in names}
     for name in names:
         mem = f"  peak memory {memory[name]:8.0f} MiB" if name in memory else ""
         print(f"{name:11s} step {median[name] * 1000:8.0f} ms (min {min(times[name]) * 1000:.0f}, "
-              f"max {max(times[name]) * 1000:.0f})  work {flops[name] / 1e9:6.0f} GFLOP{mem}")
+              f"max {max(times[name]) * 1000:.0f}, system {statistics.median(system[name]) * 1000:.0f})  "
+              f"work {flops[name] / 1e9:6.0f} GFLOP{mem}")
     ratios = [("iit_over_standard", "iit", "standard"), ("iit_naive_over_standard", "iit_naive", "standard"),
               ("adkd_over_kd", "adkd", "kd"), ("adkd_naive_over_kd", "adkd_naive", "kd"),
               ("kd_cached_over_kd", "kd_cached", "kd")]
