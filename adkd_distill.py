@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import time
@@ -37,7 +38,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
-from common import UserError
+from common import UserError, embedding_module
 
 
 # ---- BOILERPLATE: settings. None: from the preset, then the task row (official script/*/*.sh; WNLI: RTE's row)
@@ -119,9 +120,11 @@ class Args:
 def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targets, steps: int = 1,
                          create_graph: bool = False, bf16: bool = False):
     """IG at the embedding output, zero baseline, the m = `steps` points as one batch of m*B rows; targets (V, B): a
-    row per view. create_graph: a loss on the attributions trains it (eager attention). -> (V, B, T, H), (B, C)"""
+    row per view. create_graph: a loss on the attributions trains it (eager attention). token_type_ids: None for
+    models without them. -> (V, B, T, H), (B, C)"""
     B, found = input_ids.shape[0], {}
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    inputs = {name: tensor.repeat(steps, 1) for name, tensor in inputs.items() if tensor is not None}
 
     def interpolate(module, args, output):  # the k-th copy of the batch gets e = (k/m) x, k = 1..m
         x = output[:B]  # (B, T, H): the first copy's embedding output, the real input
@@ -132,10 +135,10 @@ def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targe
         return points
 
     with torch.enable_grad():
-        handle = getattr(model, "module", model).base_model.embeddings.register_forward_hook(interpolate)
-        try:  # (getattr: DDP keeps the model in .module)
+        handle = embedding_module(model).register_forward_hook(interpolate)  # the encoder's first module
+        try:
             with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(**{k: None if t is None else t.repeat(steps, 1) for k, t in inputs.items()}).logits
+                logits = model(**inputs).logits
         finally:
             handle.remove()
         logits, x, points = logits.view(steps, B, -1).float(), found["x"], found["points"]  # (m, B, C)
@@ -190,8 +193,7 @@ def kd_temperature(temperature: float, kd_type: str, epoch: int, num_epochs: int
 
 def logits_of(model, batch: dict, bf16: bool) -> torch.Tensor:
     with common.autocast(batch["input_ids"].device, bf16):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch.get("token_type_ids")).logits
+        return model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits
 
 def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: float, beta: float,
               temperature: float, ig_steps: int = 1, bf16: bool = False):
@@ -256,12 +258,12 @@ class TeacherCache:
 def collate(rows: dict, pad_id: int, regression: bool, device) -> dict:
     ids = rows["input_ids"]
     T = max(len(row) for row in ids)
-    types = rows.get("token_type_ids") or [[0] * len(row) for row in ids]
     batch = {"input_ids": torch.tensor([row + [pad_id] * (T - len(row)) for row in ids]),
-             "token_type_ids": torch.tensor([row + [0] * (T - len(row)) for row in types]),
              "attention_mask": torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids]),
              "labels": torch.tensor(rows["label"], dtype=torch.float if regression else torch.long),
              "index": torch.tensor(rows["index"], dtype=torch.long)}
+    if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, RoBERTa, ModernBERT)
+        batch["token_type_ids"] = torch.tensor([row + [0] * (T - len(row)) for row in rows["token_type_ids"]])
     return {k: v.to(device) for k, v in batch.items()}
 
 @torch.no_grad()
@@ -302,8 +304,6 @@ def load_teacher(args: Args, spec, tokenizer, train_set, eval_sets, out_dir: Pat
             if dist.enabled:
                 torch.distributed.barrier()  # rank 0 has written the best teacher
     teacher = common.from_pretrained(AutoModelForSequenceClassification, str(folder), "teacher", "--teacher")
-    if not hasattr(teacher.base_model, "embeddings"):  # what integrated_gradients hooks
-        raise UserError(f"{type(teacher).__name__} has no .embeddings; AD-KD needs a BERT-style teacher")
     return teacher.to(device).eval().requires_grad_(False)
 
 def load_student(args: Args, teacher, spec: common.GlueTask):
@@ -414,7 +414,7 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
 def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, device) -> None:
     """The first dev examples' tokens, each with a shade per model (its gold-label map; darker = more important)."""
     batch = collate(eval_set[:args.show_attributions], tokenizer.pad_token_id, spec.is_regression, device)
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    inputs = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
     maps = {name: token_attribution(integrated_gradients(model.eval(), *inputs, batch["labels"][None],
                                                          args.ig_steps)[0][0], inputs[1], topk)  # (B, T)
             for name, model, topk in (("teacher", teacher, args.topk), ("student", student, None))}
@@ -434,7 +434,7 @@ def fail_if(condition, message: str) -> None:
     if condition:
         raise UserError(message)
 
-def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool]:
+def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool, bool]:
     spec = common.glue_task(args.task)
     fail_if(args.preset not in ("auto", *PRESETS), f"--preset '{args.preset}' is not auto, demo or paper")
     preset, why = args.preset, "asked for with --preset"
@@ -460,24 +460,27 @@ def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool]:
             "no student: pass --student (a pretrained BERT) or --student_layers (e.g. 0,2,4,7,9,11)")
     what, flag = ("teacher", "--teacher") if args.teacher else ("teacher base", "--teacher_base")
     config = common.from_pretrained(AutoConfig, args.teacher or args.teacher_base, what, flag)
-    architectures, n = config.architectures or [], config.num_hidden_layers
+    skeleton = common.encoder_skeleton(config)  # a model AD-KD cannot hook stops here, in one line
+    architectures, n, positions = config.architectures or [], len(common.transformer_blocks(skeleton)), \
+        common.max_positions(skeleton)
     fail_if(args.teacher and not any(a.endswith("ForSequenceClassification") for a in architectures),
             f"teacher '{args.teacher}' is not a fine-tuned sequence classifier ({architectures}); "
             f"pass one, or omit --teacher to fine-tune --teacher_base first")
     fail_if(args.teacher and config.num_labels != spec.num_labels, f"teacher '{args.teacher}' has num_labels="
             f"{config.num_labels} but {spec.name} has {spec.num_labels}; pass a teacher fine-tuned on {spec.name}")
-    fail_if(args.max_seq_length > config.max_position_embeddings, f"--max_seq_length {args.max_seq_length} is "
-            f"longer than the teacher's {config.max_position_embeddings} positions; pass a smaller value")
+    fail_if(args.max_seq_length > positions, f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
+            f"{positions} positions; pass a smaller value")
     layers = common.parse_layers(args.student_layers or "")
     fail_if(args.student_layers and (not layers or any(not 0 <= layer < n for layer in layers)),
             f"--student_layers {args.student_layers} must list blocks of the teacher's 0..{n - 1}")
     if args.student and not args.student_layers:  # fail now on a bad --student, not after the teacher
-        common.from_pretrained(AutoConfig, args.student, "student", "--student")
-    return spec, preset, why, demo_data
+        common.encoder_skeleton(common.from_pretrained(AutoConfig, args.student, "student", "--student"))
+    takes_types = "token_type_ids" in inspect.signature(skeleton.forward).parameters
+    return spec, preset, why, demo_data, takes_types
 
 def main(args: Args) -> dict:
     # BOILERPLATE: read and check every input before anything is written
-    spec, preset, why, demo_data = check_args(args)
+    spec, preset, why, demo_data, takes_types = check_args(args)
     out_dir = Path(args.output_dir)
     resume = common.resolve_resume(args.resume_from_checkpoint, out_dir)
     common.check_output_dir(out_dir, args.overwrite_output_dir, resuming=resume is not None)
@@ -503,9 +506,9 @@ def main(args: Args) -> dict:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # no load report: the lines above say which heads are new
-    def encode(rows, indices):  # text -> unpadded input_ids, token_type_ids, attention_mask; `index`: cache key
-        return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=args.max_seq_length),
-                "index": indices}
+    def encode(rows, indices):  # text -> unpadded input_ids, attention_mask (token_type_ids); `index`: cache key
+        return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=args.max_seq_length,
+                            return_token_type_ids=takes_types), "index": indices}
     data = raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
     eval_sets = {split: data[split] for split in spec.validation_splits}
     if dist.is_main:

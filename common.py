@@ -5,6 +5,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -168,7 +169,60 @@ def require_file(path: str | None, flag: str) -> None:
     if path is not None and Path(path).stat().st_size == 0:
         raise UserError(f"{flag} '{path}' is empty")
 
-# ---- The teacher -> student layer map --------------------------------------------------------------------------------
+# ---- The encoder, found by its structure: blocks, embeddings, positions; a student cut from a teacher -------------
+
+# Where the families keep their blocks: BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa | DistilBERT | ModernBERT | ALBERT
+BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "encoder.albert_layer_groups")  # ALBERT: refused
+FAMILIES = "BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa, DistilBERT or ModernBERT"
+
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    """The encoder's transformer blocks, in the order it runs them: what IIT intervenes on and a student is cut from."""
+    base = unwrap(model).base_model
+    kind = type(base).__name__
+    if any(getattr(module, "is_causal", False) for module in base.modules()):
+        raise UserError(f"{kind} attends causally (a decoder); these methods need a bidirectional encoder: pass a "
+                        f"{FAMILIES} model")
+    for path in BLOCK_PATHS:
+        blocks = functools.reduce(lambda module, name: getattr(module, name, None), path.split("."), base)
+        if isinstance(blocks, torch.nn.ModuleList):
+            if len(blocks) != base.config.num_hidden_layers:
+                raise UserError(f"{kind} runs {len(blocks)} block(s) for its {base.config.num_hidden_layers} layers "
+                                f"(weights shared across depth): there are no blocks to pick; pass a {FAMILIES} model")
+            return blocks
+    raise UserError(f"{kind}: no transformer blocks at any of {', '.join(BLOCK_PATHS[:3])} (an encoder layout we do "
+                    f"not know); pass a {FAMILIES} model")
+
+def embedding_module(model) -> torch.nn.Module:
+    """The module whose output enters the first block: token (+ position, type) embeddings and their norm."""
+    if (embeddings := getattr(unwrap(model).base_model, "embeddings", None)) is None:
+        raise UserError(f"{type(unwrap(model).base_model).__name__} has no .embeddings module; pass a {FAMILIES} model")
+    return embeddings
+
+def max_positions(model) -> int:
+    """The longest input: the position table's size (RoBERTa's counts from padding_idx + 1), else the config's."""
+    table = getattr(embedding_module(model), "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+    return model.config.max_position_embeddings
+
+def encoder_skeleton(config):
+    """The bare encoder of `config` on the meta device (no memory, no weights), its layout checked: a model these
+    scripts cannot hook fails here, in one line, before anything is loaded or written."""
+    from transformers import AutoModel
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot build a {type(config).__name__} model: {first_line(e)}") from None
+    transformer_blocks(model), embedding_module(model)
+    return model
+
+def new_weights(model, loading_info: dict) -> list[str]:
+    """Weights outside the encoder that `from_pretrained` did not find (or found with another shape): a head that
+    the checkpoint lacks and that starts random."""
+    prefix = model.base_model_prefix + "."
+    missing = [*loading_info["missing_keys"], *(key for key, *_ in loading_info.get("mismatched_keys", []))]
+    return sorted(key for key in missing if not key.startswith(prefix))
 
 def parse_layers(text: str) -> list[int]:
     try:
@@ -184,17 +238,27 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
     return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the encoder blocks `layers`, in that order; every other tensor is copied by name."""
-    n = teacher.config.num_hidden_layers
+    """The teacher with only the blocks `layers`, in that order: its config gives the new depth under the family's
+    own field (DistilBERT: n_layers) and per-layer settings of the copied blocks (ModernBERT: layer_types); every
+    other tensor (embeddings, head) is copied by name."""
+    blocks = transformer_blocks(teacher)
+    n = len(blocks)
     if not layers or any(not 0 <= layer < n for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
-    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
-    student = teacher.__class__(config)
+    settings = teacher.config.to_dict()
+    settings[teacher.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
+    if isinstance(settings.get("layer_types"), list):  # e.g. ModernBERT: each block's full or sliding attention
+        settings["layer_types"] = [settings["layer_types"][layer] for layer in layers]
+    student = teacher.__class__(teacher.config.__class__.from_dict(settings))
+    for i, layer in enumerate(layers):  # ModernBERT builds block 0 without the attention norm the others have
+        if differ := sorted(set(transformer_blocks(student)[i].state_dict()) ^ set(blocks[layer].state_dict())):
+            raise UserError(f"student block {i} cannot hold teacher block {layer}: {type(teacher).__name__} builds "
+                            f"them with other weights ({', '.join(differ[:3])}); start --student_layers with {i}")
+    path = next(name for name, module in teacher.named_modules() if module is blocks)  # e.g. 'bert.encoder.layer'
+    block = re.compile(rf"^{re.escape(path)}\.(\d+)\.")  # student block i <- teacher block layers[i]
     teacher_weights = teacher.state_dict()
-    block = re.compile(r"\.encoder\.layer\.(\d+)\.")  # student block i <- teacher block layers[i]
-    teacher_key = {key: block.sub(lambda found: f".encoder.layer.{layers[int(found[1])]}.", key)
-                   for key in student.state_dict()}
-    student.load_state_dict({key: teacher_weights[teacher_key[key]].clone() for key in teacher_key})
+    student.load_state_dict({key: teacher_weights[block.sub(lambda found: f"{path}.{layers[int(found[1])]}.", key)]
+                             .clone() for key in student.state_dict()})
     return student
 
 # ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------

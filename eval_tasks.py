@@ -23,6 +23,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import tokenizers
 import torch
 import transformers
 from torch.utils.data import DataLoader, DistributedSampler
@@ -170,6 +171,19 @@ def load_conll(args: Args):
 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing: text -> token ids and the labels each head trains on.
+
+def load_tokenizer(model: str, task: str):
+    """The model's fast tokenizer (SQuAD's offsets and CoNLL's word ids need one). CoNLL's words come pre-split, and
+    a byte-level BPE (RoBERTa, ModernBERT) spells a word differently after a space: each word gets the space it has
+    in running text, as run_ner's add_prefix_space=True gives it."""
+    tokenizer = common.from_pretrained(transformers.AutoTokenizer, model, "tokenizer", "--model")
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer of '{model}' is not a fast tokenizer, whose offsets and word ids we need")
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    for part in pre if isinstance(pre, tokenizers.pre_tokenizers.Sequence) else [pre]:
+        if task == "conll2003" and isinstance(part, tokenizers.pre_tokenizers.ByteLevel):
+            part.add_prefix_space = True  # in place: the tokenizer reads the words that way from now on
+    return tokenizer
 
 def prepare_glue(examples, tokenizer, spec: common.GlueTask, max_len: int):
     """One sequence per example ([CLS] a [SEP] b [SEP]), truncated to max_len, the label as is."""
@@ -329,16 +343,22 @@ def evaluate_glue(model, data, features, collator, args: Args, device):
                     for i, (row, p) in enumerate(zip(data[split], predicted))]
     return metrics, records
 
-def evaluate_conll(model, data, features, collator, args: Args, device):
+def conll_tags(outputs, word_indices, references, id2label: dict) -> list[list[str]]:
     """A word's tag is the argmax at its first sub-token; words cut off by max_seq_length are tagged O."""
-    outputs = predict(model, features["validation"], collator, args, device)
-    references, predictions = data["validation"]["tags"], []
-    for output, word_index, gold in zip(outputs, features["validation"]["word_index"], references):
+    predictions = []
+    for output, word_index, gold in zip(outputs, word_indices, references):
         tags = ["O"] * len(gold)
         for position, word in enumerate(word_index):
             if word >= 0:
-                tags[word] = model.config.id2label[int(output["logits"][position].argmax())]
+                tags[word] = id2label[int(output["logits"][position].argmax())]
         predictions.append(tags)
+    return predictions
+
+def evaluate_conll(model, data, features, collator, args: Args, device):
+    """Entity-level scores of the tags conll_tags reads off the logits; records."""
+    outputs = predict(model, features["validation"], collator, args, device)
+    references = data["validation"]["tags"]
+    predictions = conll_tags(outputs, features["validation"]["word_index"], references, model.config.id2label)
     records = [{"index": i, "tokens": tokens, "label": gold, "prediction": predicted} for i, (tokens, gold, predicted)
                in enumerate(zip(data["validation"]["tokens"], references, predictions))]
     return common.conll_metrics(predictions, references), records
@@ -400,11 +420,9 @@ def run_one(args: Args, data, head: dict, dist, device) -> dict:
     """Fine-tune args.model with a new task head and score it on dev; writes into args.output_dir."""
     kind = FAMILY[args.task]
     common.set_seed(args.seed)
-    tokenizer = common.from_pretrained(transformers.AutoTokenizer, args.model, "tokenizer", "--model")
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer of '{args.model}' is not a fast tokenizer, whose offsets and word ids we need")
+    tokenizer = load_tokenizer(args.model, args.task)
     model = common.from_pretrained(HEADS[kind], args.model, "model", "--model", ignore_mismatched_sizes=True, **head)
-    positions = getattr(model.config, "max_position_embeddings", args.max_seq_length)
+    positions = common.max_positions(model)
     if args.max_seq_length > positions:
         print(f"note: --max_seq_length {args.max_seq_length} is capped at the model's {positions} positions")
         args.max_seq_length = positions

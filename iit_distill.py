@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import UserError
+from common import UserError, transformer_blocks
 
 def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
@@ -106,25 +106,37 @@ PRESETS = {
 
 
 # ==== IIT: THE METHOD ===========================================================================
-# The output of encoder block l (hidden_states[l + 1]) is read in the source run and written by a forward hook in
-# the counterfactual run (the official code reads hidden_states[l], the block's input: fixed).
-def get_activations(model, input_ids, attention_mask, layers) -> dict:
+# The output of encoder block l is read in the source run and written in the counterfactual run, by forward hooks on
+# the same module (the official code reads hidden_states[l], the block's input: fixed). transformer_blocks(model)
+# finds the blocks of any encoder family (common.py).
+def get_activations(model, input_ids, attention_mask, layers, **inputs) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for each l in `layers`."""
-    hidden_states = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-    return {layer: hidden_states[layer + 1] for layer in layers}  # hidden_states[0] is the embeddings' output
+    found, blocks = {}, transformer_blocks(model)
+    def reader(layer):
+        def hook(module, args, output):  # a block returns its hidden state, or a tuple that starts with it
+            found[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+    handles = [blocks[layer].register_forward_hook(reader(layer)) for layer in layers]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        return found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
     """The counterfactual run: `model` on the base input, where interventions {l: (mask (B, T), values (N, H))}
     write `values` into block l's output at the mask's True positions (row-major); grads flow into them."""
     def setter(mask, values):
         def hook(module, inputs, output):
-            is_tuple = isinstance(output, tuple)  # transformers 4.x blocks return a tuple
+            is_tuple = isinstance(output, tuple)
             hidden = (output[0] if is_tuple else output).clone()  # (B, T, H); no in-place write on a tracked tensor
             hidden[mask] = values.to(hidden.dtype)  # IIT: the interchange intervention
             return (hidden, *output[1:]) if is_tuple else hidden
         return hook
     # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
-    handles = [model.base_model.encoder.layer[layer].register_forward_hook(setter(mask, values), prepend=True)
+    blocks = transformer_blocks(model)
+    handles = [blocks[layer].register_forward_hook(setter(mask, values), prepend=True)
                for layer, (mask, values) in interventions.items()]
     try:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -213,20 +225,30 @@ def mlm_loss(student_logits, labels) -> torch.Tensor:
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
 
+@contextlib.contextmanager
+def encoder_output(model):
+    """Records the encoder's last hidden state in the next forward, what the head reads: {"h": (R, T, H)}."""
+    found = {}
+    handle = common.unwrap(model).base_model.register_forward_hook(lambda _m, _a, output: found.update(h=output[0]))
+    try:
+        yield found
+    finally:
+        handle.remove()
+
 def base_source_counterfactual(model, batch: dict, layers=None):
     """The paper's three forwards: MLM logits z (R, T, V) and last hidden states h (R, T, H); rows [0, B) are
     the base run and, when `layers` are intervened on, rows [B, 2B) the counterfactual run."""
-    base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    with encoder_output(model) as base_h:
+        base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if layers is None:  # standard distillation: the base run alone
-        return base.logits, base.hidden_states[-1]
+        return base.logits, base_h["h"]
     # IIT: the source run: the aligned blocks' outputs on the source input
     source = get_activations(model, batch["source_input_ids"], batch["source_attention_mask"], layers)
     # IIT: the counterfactual run: the base input, with the source's states at the swapped positions
     swaps = {layer: (batch["base_swap"], source[layer][batch["source_swap"]]) for layer in layers}
-    counterfactual = forward_with_interchange(model, batch["input_ids"], batch["attention_mask"], swaps,
-                                              output_hidden_states=True)
-    return (torch.cat([base.logits, counterfactual.logits]),
-            torch.cat([base.hidden_states[-1], counterfactual.hidden_states[-1]]))
+    with encoder_output(model) as counterfactual_h:
+        counterfactual = forward_with_interchange(model, batch["input_ids"], batch["attention_mask"], swaps)
+    return torch.cat([base.logits, counterfactual.logits]), torch.cat([base_h["h"], counterfactual_h["h"]])
 
 def distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
     """Loss of one micro-batch and its terms. `batch`: masked base `input_ids`, `attention_mask`, MLM `labels` and,
@@ -267,52 +289,73 @@ def _hidden(output):  # a block returns its hidden state (transformers 5) or a t
 def base_and_counterfactual(model, batch: dict, layers):
     """A drop-in for base_source_counterfactual from one forward of 2B rows: rows [0, B) are the base run; rows
     [B, 2B) start as the source, become the counterfactual at block k = min(layers) (the base's block-k output,
-    source states spliced in) and then attend with the base's mask. Deeper source states: source rows alone."""
-    blocks = getattr(model, "module", model).base_model.encoder.layer  # `model` may be wrapped in DDP
+    source states spliced in) and then get the base's attention mask. Deeper source states: source rows alone."""
+    blocks = transformer_blocks(model)
     input_ids, attention_mask, base_swap = batch["input_ids"], batch["attention_mask"], batch["base_swap"]
     source_attention_mask, source_swap = batch["source_attention_mask"], batch["source_swap"]
-    B, layers = input_ids.shape[0], sorted(set(layers))
+    (B, T), layers = input_ids.shape, sorted(set(layers))
     k = layers[0]
     base_rows_twice = torch.arange(B, device=input_ids.device).repeat(2)
     has_padding = not bool(attention_mask.all() and source_attention_mask.all())
-    call_at_k, source_states = {}, {}
-    def two_row_mask(args):  # the attention mask a block gets: argument 1, in the model's own format, or None
-        return args[1] if len(args) > 1 and torch.is_tensor(args[1]) and args[1].shape[0] == 2 * B else None
+    source_states = {}  # the source run's block outputs, (B, T, H)
+    def per_row(value):  # what a block gets per row and position besides the hidden states: an attention mask
+        return torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == 2 * B and value.shape[-1] == T
+    def take(args, kwargs, rows):  # the block's arguments with every per-row tensor cut to `rows`
+        pick = lambda value: value[rows] if per_row(value) else value  # noqa: E731
+        return (args[0], *map(pick, args[1:])), {name: pick(value) for name, value in kwargs.items()}
     def splice_at(layer):  # block `layer`'s forward hook: the counterfactual rows get the source states
         def hook(_module, _args, output):
             hidden = _hidden(output)
-            if layer == k:  # the source rows' states at block k and, from them on the source rows alone, deeper
-                source_states[k] = source = hidden[B:]  # (B, T, H)
-                args, kwargs = call_at_k["args"], call_at_k["kwargs"]
-                if two_row_mask(args) is not None:
-                    args = (args[0], args[1][B:], *args[2:])  # the source rows' own mask
-                for deeper in range(k + 1, layers[-1] + 1):  # no hooks
-                    source_states[deeper] = source = _hidden(blocks[deeper].forward(source, *args[1:], **kwargs))
+            if layer == k:  # the source rows' state at block k; deeper ones come from the pre-hooks below
+                source_states[k] = hidden[B:]
             counterfactual = (hidden[:B] if layer == k else hidden[B:]).clone()  # at block k it forks off the base
             counterfactual[base_swap] = source_states[layer][source_swap].to(counterfactual.dtype)
             hidden = torch.cat([hidden[:B], counterfactual])
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
-    def counterfactual_rows_use_base_mask(_module, args, kwargs):
-        if two_row_mask(args) is not None:
-            return (args[0], args[1][base_rows_twice], *args[2:]), kwargs
-        if has_padding:
-            raise RuntimeError("base_and_counterfactual found no 2B-row attention mask; use schedule='plain'")
-        return None  # no padding anywhere: every row attends to every position, nothing to fix
-    def remember_call(_module, args, kwargs):  # block k's arguments, to run the deeper blocks on the source rows
-        call_at_k["args"], call_at_k["kwargs"] = args, kwargs
+    def above_k(j):  # block j > k's pre-hook: the source run goes on alone, then the counterfactual gets the base mask
+        def hook(module, args, kwargs):
+            if has_padding and not any(map(per_row, [*args[1:], *kwargs.values()])):
+                raise RuntimeError("base_and_counterfactual found no 2B-row attention mask; use schedule='plain'")
+            if j <= layers[-1]:  # block j's own arguments (ModernBERT: its attention type's), the source rows' mask
+                source_args, source_kwargs = take(args, kwargs, slice(B, 2 * B))
+                source_states[j] = _hidden(module.forward(source_states[j - 1], *source_args[1:], **source_kwargs))
+            return take(args, kwargs, base_rows_twice)  # no padding anywhere: every row attends alike, no change
+        return hook
     # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
-    handles = [blocks[k].register_forward_pre_hook(remember_call, with_kwargs=True)]
-    handles += [blocks[layer].register_forward_hook(splice_at(layer), prepend=True) for layer in layers]
-    handles += [blocks[j].register_forward_pre_hook(counterfactual_rows_use_base_mask, with_kwargs=True)
-                for j in range(k + 1, len(blocks))]
+    handles = [blocks[layer].register_forward_hook(splice_at(layer), prepend=True) for layer in layers]
+    handles += [blocks[j].register_forward_pre_hook(above_k(j), with_kwargs=True) for j in range(k + 1, len(blocks))]
     try:
-        out = model(input_ids=torch.cat([input_ids, batch["source_input_ids"]]),
-                    attention_mask=torch.cat([attention_mask, source_attention_mask]), output_hidden_states=True)
-        return out.logits, out.hidden_states[-1]
+        with encoder_output(model) as last:
+            out = model(input_ids=torch.cat([input_ids, batch["source_input_ids"]]),
+                        attention_mask=torch.cat([attention_mask, source_attention_mask]))
+        return out.logits, last["h"]
     finally:
         for handle in handles:
             handle.remove()
+
+@torch.no_grad()
+def one_forward_is_exact(model, groups: list, vocab_size: int) -> bool:
+    """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for every group of
+    blocks, on a probe batch with padding in base and source (dropout off). A family whose blocks get something per
+    row that the fork cannot see would fail here; the script then runs the plain three forwards."""
+    g = torch.Generator().manual_seed(0)
+    device, was_training = next(model.parameters()).device, model.training
+    lengths, source_lengths = torch.tensor([12, 7, 10]), torch.tensor([9, 12, 5])
+    mask, source_mask = (torch.arange(12) < lengths[:, None]).long(), (torch.arange(12) < source_lengths[:, None]).long()
+    base_swap, source_swap = interchange_masks(lengths, source_lengths, 12, 0.4, generator=g)
+    batch = {"input_ids": torch.randint(vocab_size, (3, 12), generator=g) * mask, "attention_mask": mask,
+             "source_input_ids": torch.randint(vocab_size, (3, 12), generator=g) * source_mask,
+             "source_attention_mask": source_mask, "base_swap": base_swap, "source_swap": source_swap}
+    batch = {name: value.to(device) for name, value in batch.items()}
+    model.eval()
+    try:
+        return all(torch.allclose(fast, plain, rtol=1e-4, atol=1e-4) for layers in groups for fast, plain in
+                   zip(base_and_counterfactual(model, batch, layers), base_source_counterfactual(model, batch, layers)))
+    except RuntimeError:  # no per-row mask found
+        return False
+    finally:
+        model.train(was_training)
 
 
 # ==== BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks. ==========
@@ -502,40 +545,39 @@ def demo_teacher(args: Args) -> Path:
 
 def load_models(args: Args, dist, device, log):
     """Tokenizer, teacher (frozen), student (initialised from it) and the alignment groups."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # no per-file bars when weights are loaded and saved
     with common.main_process_first(dist):  # the demo teacher is fitted, or a hub model downloaded, once
         if args.teacher is None:
             args.teacher = str(demo_teacher(args))
+        skeleton = common.encoder_skeleton(common.from_pretrained(AutoConfig, args.teacher, "teacher", "--teacher"))
         teacher, info = common.from_pretrained(AutoModelForMaskedLM, args.teacher, "teacher", "--teacher",
                                                output_loading_info=True)
         tokenizer = common.from_pretrained(AutoTokenizer, args.teacher, "tokenizer", "--teacher")
-    config = teacher.config
-    if any(key.startswith("cls.predictions.transform") for key in info["missing_keys"]):
-        raise UserError(f"teacher '{args.teacher}' has no trained MLM head (cls.predictions.* missing from its "
-                        f"weights); pass a BertForMaskedLM checkpoint to --teacher")
-    if len(tokenizer) > config.vocab_size:
+    if missing := common.new_weights(teacher, info):  # e.g. an ELECTRA discriminator; DeBERTa-v3 ships no MLM head
+        raise UserError(f"teacher '{args.teacher}' has no trained MLM head ({', '.join(missing[:3])} missing from its "
+                        f"weights); pass a masked LM with its head to --teacher")
+    if len(tokenizer) > teacher.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only "
-                        f"{config.vocab_size}; pass a teacher folder with its own tokenizer")
-    if args.max_seq_length > config.max_position_embeddings:
+                        f"{teacher.config.vocab_size}; pass a teacher folder with its own tokenizer")
+    if args.max_seq_length > common.max_positions(skeleton):
         raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
-                        f"{config.max_position_embeddings} positions; pass a smaller value")
+                        f"{common.max_positions(skeleton)} positions; pass a smaller value")
+    depth = len(transformer_blocks(teacher))
     if args.student_num_layers and not args.student_layers:
-        layers = common.default_student_layers(config.num_hidden_layers, args.student_num_layers)
-        args.student_layers = ",".join(map(str, layers))
+        args.student_layers = ",".join(map(str, common.default_student_layers(depth, args.student_num_layers)))
     # IIT: the student is the teacher with fewer blocks: the embeddings, the listed blocks and the whole MLM
     # head are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the head's transform random).
     student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
     try:
-        groups = alignments(args.alignment, config.num_hidden_layers, student.config.num_hidden_layers)
+        groups = alignments(args.alignment, depth, len(transformer_blocks(student)))
     except ValueError as e:
         raise UserError(f"{e}; pass another --alignment") from None
-    log(f"teacher: {args.teacher} ({config.num_hidden_layers} blocks); student: its blocks {args.student_layers}")
+    log(f"teacher: {args.teacher} ({type(teacher).__name__}, {depth} blocks); student: its blocks {args.student_layers}")
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     return tokenizer, teacher, student, groups
-
 
 # ==== BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop ================
 def resolve_args(args: Args) -> tuple[str, Path | None]:
@@ -658,6 +700,12 @@ def main(args: Args) -> dict:
     log(f"preset: {args.preset} ({why})")
     tokenizer, teacher, student, groups = load_models(args, dist, device, log)
     train_ids, eval_ids = load_data(args, tokenizer, dist, log)
+    use_iit, schedule = args.alpha_iit > 0 or args.alpha_iit_cos > 0, "fast"
+    if use_iit and not all(one_forward_is_exact(model, [group[side] for group in groups], teacher.config.vocab_size)
+                           for side, model in enumerate((teacher, student))):
+        schedule = "plain"
+        log(f"schedule: the plain three forwards per model ({type(teacher).__name__} gives other outputs from the "
+            f"one-forward schedule)")
     lengths = np.array([len(x) for x in train_ids["input_ids"]])
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
     source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
@@ -681,7 +729,7 @@ def main(args: Args) -> dict:
             import wandb  # only when asked for
             tracker = wandb.init(project="bert-distill", config=dataclasses.asdict(args))
     # IIT: the training loop (the log lines report progress) ---------------------------------------
-    step, use_iit, start_time = state["step"], args.alpha_iit > 0 or args.alpha_iit_cos > 0, time.time()
+    step, start_time = state["step"], time.time()
     running, running_count, stream = {}, 0, micro_batches(lengths, args, dist, state["epoch"], state["batches_done"])
     while step < total_steps:
         for micro in range(accumulation):
@@ -691,7 +739,7 @@ def main(args: Args) -> dict:
             batch = make_batch(train_ids, source_of, indices, tokenizer, weights, args, device, use_iit)
             with model.no_sync() if dist.enabled and micro < accumulation - 1 else contextlib.nullcontext():
                 with common.autocast(device, args.bf16):
-                    loss, terms = distillation_loss(model, teacher, batch, args, group)
+                    loss, terms = distillation_loss(model, teacher, batch, args, group, schedule)
                 (loss / accumulation).backward()
             running = {name: running.get(name, 0.0) + value.item() for name, value in terms.items()}
             running_count += 1

@@ -1,5 +1,6 @@
 """The functions the README calls copyable really are: each one's source, executed in a fresh namespace that
-holds only `torch`, `F` and `math` (what a reader's own file has), gives the module's own result."""
+holds only `torch`, `F` and `math` (what a reader's own file has) and common.py's two structure helpers
+`transformer_blocks` and `embedding_module` (copied with them), gives the module's own result."""
 
 import inspect
 import math
@@ -10,12 +11,14 @@ import torch.nn.functional as F
 from transformers import BertForMaskedLM, BertForSequenceClassification
 
 import adkd_distill as adkd
+import common
 import iit_distill as iit
 from conftest import tiny_config
 
 def copied(function):
     """`function` re-created from its source text alone, as a reader pasting it would get it."""
-    namespace = {"torch": torch, "F": F, "math": math}
+    namespace = {"torch": torch, "F": F, "math": math, "transformer_blocks": common.transformer_blocks,
+                 "embedding_module": common.embedding_module}
     exec(compile(inspect.getsource(function), f"<copy of {function.__name__}>", "exec"), namespace)
     return namespace[function.__name__]
 
