@@ -11,16 +11,20 @@ training (IIT), to react to an intervention as the teacher does: the outputs of 
     L_iit     = T^2 1/|M| sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )  z~: counterfactual run
     L_iit_cos = 1/|M| sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
 M is every non-pad base token, T = 2, every a = 0.25 but a_iit_cos = 0 (the paper's +COS variant sets it).
+On a GLUE task the same interchange trains a classifier student (z: class logits, one per example; STS-B: MSE):
+    L = a_ce T^2 KL( softmax(z_t/T) || softmax(z_s/T) ) + a_task CE(z_s, y) + a_iit T^2 KL( softmax(z~_t/T) || .. )
 
     python iit_distill.py --task mlm                   # no CUDA device: offline CPU demo with a small real teacher
     python iit_distill.py --task mlm --preset paper    # bert-base-uncased -> 6 blocks on WikiText-103
     python iit_distill.py --task mlm --alpha_iit 0 --alpha_ce 0.33 --alpha_mlm 0.33 --alpha_cos 0.33  # baseline
+    python iit_distill.py --task sst2                  # a fine-tuned classifier (offline: the polarity demo)
 """
 
 import bz2
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import re
@@ -39,17 +43,21 @@ def arg(default, help: str):
 
 @dataclasses.dataclass
 class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag given explicitly wins
-    task: str = arg("mlm", "Distillation objective: only 'mlm' (masked-LM distillation, as in the paper)")
+    task: str = arg("mlm", "mlm (masked-LM distillation, the paper's) or a GLUE task: cola, sst2, mrpc, stsb, qqp, "
+                           "mnli, qnli, rte, wnli (a fine-tuned classifier)")
     preset: str = arg("auto", "auto | demo | paper (auto: paper on a CUDA machine, demo otherwise)")
     # --- models and data
-    teacher: str | None = arg(None, "Teacher BERT masked LM, folder or hub id (demo: MiniLM, its MLM head fitted)")
+    teacher: str | None = arg(None, "Teacher: a masked LM (mlm) or a classifier fine-tuned on the task; folder or "
+                                    "hub id (demo: MiniLM, fitted on the demo data once)")
+    student: str | None = arg(None, "Instead of teacher blocks: a smaller pretrained model of the family (new head)")
     student_layers: str | None = arg(None, "Teacher blocks copied into the student: 0,2,4,7,9,11 (paper)")
     student_num_layers: int | None = arg(None, "Instead of --student_layers: N evenly spaced teacher blocks")
-    dataset_name: str | None = arg(None, "Hub dataset with a 'text' column (paper: Salesforce/wikitext)")
-    dataset_config_name: str | None = arg(None, "Hub dataset config (paper: wikitext-103-raw-v1)")
-    train_file: str | None = arg(None, "Plain-text training file, one paragraph per line")
-    validation_file: str | None = arg(None, "Plain-text validation file, one paragraph per line")
-    max_seq_length: int | None = arg(None, "Longer paragraphs are cut into chunks of this many tokens")
+    dataset_name: str | None = arg(None, "mlm: hub dataset with a 'text' column (paper: Salesforce/wikitext)")
+    dataset_config_name: str | None = arg(None, "mlm: hub dataset config (paper: wikitext-103-raw-v1)")
+    data_dir: str | None = arg(None, "GLUE: the official files, the task folder or glue_data/ holding it")
+    train_file: str | None = arg(None, "mlm: plain text, a paragraph per line; GLUE: CSV/JSON (hub columns) or .tsv")
+    validation_file: str | None = arg(None, "The validation file, in the same layout as --train_file")
+    max_seq_length: int | None = arg(None, "Longer inputs are cut (mlm: into chunks) to this many tokens")
     min_seq_length: int = arg(12, "Shorter sequences are dropped (official: 12)")
     # --- optimisation (official: AdamW, no decay on biases and LayerNorm weights)
     per_device_train_batch_size: int | None = arg(None, "Sequences per device per micro-step (paper 40)")
@@ -66,13 +74,14 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     max_steps: int | None = arg(None, "Optimiser steps; > 0 overrides --num_train_epochs (demo 200)")
     max_train_samples: int | None = arg(None, "Keep only the first N training sequences")
     max_eval_samples: int | None = arg(None, "Keep only the first N validation sequences (demo 256)")
-    # --- the method
-    temperature: float = arg(2.0, "Softmax temperature T of both KL terms (with the T^2 factor)")
-    alpha_ce: float = arg(0.25, "Weight of L_ce, the soft-target KL (baseline 0.33)")
-    alpha_mlm: float = arg(0.25, "Weight of L_mlm, the masked-LM loss (baseline 0.33)")
-    alpha_cos: float = arg(0.25, "Weight of L_cos, the last-hidden-state cosine loss (baseline 0.33)")
-    alpha_iit: float = arg(0.25, "Weight of L_iit, the counterfactual KL; 0 gives standard distillation")
-    alpha_iit_cos: float = arg(0.0, "Weight of L_iit_cos, the counterfactual cosine loss (the +COS variant)")
+    # --- the method (None: the task's default, LOSS_DEFAULTS below)
+    temperature: float | None = arg(None, "Softmax temperature T of the KL terms, with the T^2 factor (mlm 2, GLUE 20)")
+    alpha_ce: float | None = arg(None, "Weight of L_ce, the soft-target KL (mlm 0.25, baseline 0.33; GLUE 0.7)")
+    alpha_mlm: float | None = arg(None, "mlm: weight of L_mlm, the masked-LM loss (0.25, baseline 0.33)")
+    alpha_cos: float | None = arg(None, "mlm: weight of L_cos, the last-hidden-state cosine loss (0.25, baseline 0.33)")
+    alpha_task: float | None = arg(None, "GLUE: weight of L_task, cross-entropy with the gold labels (0.3)")
+    alpha_iit: float | None = arg(None, "Weight of L_iit, the counterfactual KL (mlm 0.25, GLUE 1); 0: no IIT")
+    alpha_iit_cos: float | None = arg(None, "mlm: weight of L_iit_cos, the counterfactual cosine (0; +COS sets it)")
     alignment: str = arg("full", "full | middle | late | a map 'T,T:S;T:S'; one group is sampled per step")
     interchange_mode: str = arg("consecutive", "consecutive | random | masked: which tokens are swapped")
     interchange_prop: float = arg(0.3, "Swapped tokens per row, a fraction of min(base, source) length")
@@ -92,6 +101,14 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     cache_dir: str | None = arg(None, "Cache of the demo corpus and teacher (default ~/.cache/bert-distill)")
     track: bool = arg(False, "Log to Weights & Biases (imported only when set)")
 
+    def __post_init__(self):  # the loss weights' defaults depend on the task; a weight given explicitly wins
+        common.apply_preset(self, LOSS_DEFAULTS["mlm" if self.task == "mlm" else "glue"])
+
+# mlm: the paper's (DIITO, all 0.25, T = 2). GLUE: the authors' task-level DIITO command (Causal-Distill-XXS):
+# alpha 0.7 on KD, 0.3 on CE, the counterfactual KL at weight 1, T = 20.
+LOSS_DEFAULTS = {"mlm": dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
+                             alpha_iit_cos=0.0),
+                 "glue": dict(temperature=20.0, alpha_ce=0.7, alpha_task=0.3, alpha_iit=1.0)}
 PRESETS = {
     "paper": dict(teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
                   dataset_name="Salesforce/wikitext", dataset_config_name="wikitext-103-raw-v1", max_seq_length=512,
@@ -102,6 +119,14 @@ PRESETS = {
     "demo": dict(teacher=None, student_layers="0,3,5", max_seq_length=64, per_device_train_batch_size=8,
                  gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
+}
+GLUE_PRESETS = {  # batch, lr and epochs of the task-level DIITO command; the demo's match adkd_distill.py's demo
+    "paper": dict(student_layers="0,2,4,7,9,11", max_seq_length=128, per_device_train_batch_size=32,
+                  gradient_accumulation_steps=1, learning_rate=2e-5, num_train_epochs=5.0, max_steps=-1,
+                  logging_steps=50, save_steps=1000),
+    "demo": dict(student_layers="0,3,5", max_seq_length=common.DEMO_TEACHER["max_length"],
+                 per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-4,
+                 num_train_epochs=6.0, max_steps=-1, logging_steps=5, save_steps=0),
 }
 
 
@@ -235,19 +260,24 @@ def encoder_output(model):
     finally:
         handle.remove()
 
+def model_inputs(batch: dict, run: str = "") -> dict:
+    """The base run's (run "") or the source run's (run "source_") model inputs: ids, mask, token types if any."""
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    return {name: batch[run + name] for name in names if run + name in batch}
+
 def base_source_counterfactual(model, batch: dict, layers=None):
-    """The paper's three forwards: MLM logits z (R, T, V) and last hidden states h (R, T, H); rows [0, B) are
-    the base run and, when `layers` are intervened on, rows [B, 2B) the counterfactual run."""
+    """The paper's three forwards: logits z (R, T, V) (classifiers: (R, C)) and last hidden states h (R, T, H); rows
+    [0, B) are the base run and, when `layers` are intervened on, rows [B, 2B) the counterfactual run."""
     with encoder_output(model) as base_h:
-        base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        base = model(**model_inputs(batch))
     if layers is None:  # standard distillation: the base run alone
         return base.logits, base_h["h"]
     # IIT: the source run: the aligned blocks' outputs on the source input
-    source = get_activations(model, batch["source_input_ids"], batch["source_attention_mask"], layers)
+    source = get_activations(model, **model_inputs(batch, "source_"), layers=layers)
     # IIT: the counterfactual run: the base input, with the source's states at the swapped positions
     swaps = {layer: (batch["base_swap"], source[layer][batch["source_swap"]]) for layer in layers}
     with encoder_output(model) as counterfactual_h:
-        counterfactual = forward_with_interchange(model, batch["input_ids"], batch["attention_mask"], swaps)
+        counterfactual = forward_with_interchange(model, interventions=swaps, **model_inputs(batch))
     return torch.cat([base.logits, counterfactual.logits]), torch.cat([base_h["h"], counterfactual_h["h"]])
 
 def distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
@@ -279,6 +309,42 @@ def distillation_loss(student, teacher, batch: dict, weights, group=None, schedu
         terms["iit_cos"] = masked_mean(cos[counterfactual], M)
         loss = loss + weights.alpha_iit * terms["iit"] + weights.alpha_iit_cos * terms["iit_cos"]
     return loss, terms
+
+# What IIT trains: does the student react to an intervention as the teacher does?
+@torch.no_grad()
+def predictions(model, batches: list, layer_groups: list, schedule: str = "plain") -> list:
+    """Per batch, (1 + G, B, ...): the model's predictions (argmax; a one-output regressor: its output) in the base
+    run, then after the intervention on each group of blocks."""
+    runs = base_and_counterfactual if schedule == "fast" else base_source_counterfactual
+    was_training, found = model.training, []
+    model.eval()
+    for batch in batches:
+        B, rows = len(batch["labels"]), []
+        for layers in layer_groups:
+            z = runs(model, batch, layers)[0]  # (2B, ...): base rows, then counterfactual rows
+            z = z[..., 0] if z.shape[-1] == 1 else z.argmax(-1)
+            if not rows:  # the base run is the same for every group
+                rows.append(z[:B])
+            rows.append(z[B:])
+        found.append(torch.stack(rows))
+    model.train(was_training)
+    return found
+
+def interchange_agreement(teacher, student, batches: list, groups: list, schedule: str = "plain",
+                          teacher_predictions: list | None = None) -> dict:
+    """Interchange-intervention agreement on held-out (base, source) pairs: the share of predictions where the student
+    after an intervention predicts what the teacher predicts after the aligned one, over every group
+    ("counterfactual"), and the same share with no intervention ("plain"). Scored: MLM, the masked base positions
+    (labels != -100); classifiers, every pair (a one-output regressor: predictions within 0.5 of each other).
+    teacher_predictions: predictions(teacher, ...) computed once for several students."""
+    teacher_predictions = teacher_predictions or predictions(teacher, batches, [t for t, _ in groups], schedule)
+    student_predictions = predictions(student, batches, [s for _, s in groups], schedule)
+    same = scored = 0
+    for batch, t, s in zip(batches, teacher_predictions, student_predictions):
+        positions = batch["labels"] != -100 if batch["labels"].dim() == 2 else torch.ones_like(batch["labels"]).bool()
+        agree = (t - s).abs() <= 0.5 if t.is_floating_point() else t == s  # (1 + G, B, ...)
+        same, scored = same + agree[:, positions].sum(-1), scored + int(positions.sum())
+    return {"counterfactual": float(same[1:].sum()) / (scored * len(groups)), "plain": float(same[0]) / scored}
 
 
 # ==== SPEED-UP: base, source and counterfactual runs in ONE forward of 2B rows (schedule='fast', the default)
@@ -326,28 +392,20 @@ def base_and_counterfactual(model, batch: dict, layers):
     handles = [blocks[layer].register_forward_hook(splice_at(layer), prepend=True) for layer in layers]
     handles += [blocks[j].register_forward_pre_hook(above_k(j), with_kwargs=True) for j in range(k + 1, len(blocks))]
     try:
+        base_inputs, source_inputs = model_inputs(batch), model_inputs(batch, "source_")
         with encoder_output(model) as last:
-            out = model(input_ids=torch.cat([input_ids, batch["source_input_ids"]]),
-                        attention_mask=torch.cat([attention_mask, source_attention_mask]))
+            out = model(**{name: torch.cat([base_inputs[name], source_inputs[name]]) for name in base_inputs})
         return out.logits, last["h"]
     finally:
         for handle in handles:
             handle.remove()
 
 @torch.no_grad()
-def one_forward_is_exact(model, groups: list, vocab_size: int) -> bool:
+def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
     """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for every group of
-    blocks, on a probe batch with padding in base and source (dropout off). A family whose blocks get something per
-    row that the fork cannot see would fail here; the script then runs the plain three forwards."""
-    g = torch.Generator().manual_seed(0)
-    device, was_training = next(model.parameters()).device, model.training
-    lengths, source_lengths = torch.tensor([12, 7, 10]), torch.tensor([9, 12, 5])
-    mask, source_mask = (torch.arange(12) < lengths[:, None]).long(), (torch.arange(12) < source_lengths[:, None]).long()
-    base_swap, source_swap = interchange_masks(lengths, source_lengths, 12, 0.4, generator=g)
-    batch = {"input_ids": torch.randint(vocab_size, (3, 12), generator=g) * mask, "attention_mask": mask,
-             "source_input_ids": torch.randint(vocab_size, (3, 12), generator=g) * source_mask,
-             "source_attention_mask": source_mask, "base_swap": base_swap, "source_swap": source_swap}
-    batch = {name: value.to(device) for name, value in batch.items()}
+    blocks, on `batch` (padded rows, dropout off). A family whose blocks get something per row that the fork does not
+    see would fail here; the script then runs the plain three forwards."""
+    was_training = model.training
     model.eval()
     try:
         return all(torch.allclose(fast, plain, rtol=1e-4, atol=1e-4) for layers in groups for fast, plain in
@@ -464,27 +522,25 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
     return masked, labels
 
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
-               with_iit: bool) -> dict:
+               with_iit: bool, generator: torch.Generator | None = None) -> dict:
     """Base sequences and, for IIT, their sources padded to the longest base (a longer source is cut, as
-    officially), each masked independently, and the swap masks. On `device`."""
+    officially), each masked independently, and the swap masks. On `device`. weights None: uniform masking."""
     vocab, special, mask_id = len(tokenizer), set(tokenizer.all_special_ids), tokenizer.mask_token_id
-    base = tokenizer.pad({"input_ids": train_ids[indices]["input_ids"]}, return_tensors="pt").to(device)
+    base = tokenizer.pad({"input_ids": train_ids[indices]["input_ids"]}, return_tensors="pt")
     ids, attention, length = base["input_ids"], base["attention_mask"], base["input_ids"].shape[1]
     source = [s[:length] for s in train_ids[[int(source_of[i]) for i in indices]]["input_ids"]]
     source = tokenizer.pad({"input_ids": source}, padding="max_length", max_length=length, return_tensors="pt")
-    source_ids, source_attention = source["input_ids"].to(device), source["attention_mask"].to(device)
     batch = {"attention_mask": attention}
     batch["input_ids"], batch["labels"] = mlm_mask(ids, attention, mask_id, vocab, special, args.mlm_probability,
-                                                   weights)
+                                                   weights, generator)
     if with_iit:
-        batch["source_attention_mask"] = source_attention
-        batch["source_input_ids"], _ = mlm_mask(source_ids, source_attention, mask_id, vocab, special,
-                                                args.mlm_probability, weights)
-        base_swap, source_swap = interchange_masks(
-            attention.sum(1).cpu(), source_attention.sum(1).cpu(), length, args.interchange_prop,
-            args.interchange_mode, base_candidates=(batch["labels"] != -100).cpu())
-        batch["base_swap"], batch["source_swap"] = base_swap.to(device), source_swap.to(device)
-    return batch
+        batch["source_attention_mask"] = source["attention_mask"]
+        batch["source_input_ids"], _ = mlm_mask(source["input_ids"], source["attention_mask"], mask_id, vocab, special,
+                                                args.mlm_probability, weights, generator)
+        batch["base_swap"], batch["source_swap"] = interchange_masks(
+            attention.sum(1), source["attention_mask"].sum(1), length, args.interchange_prop,
+            args.interchange_mode, base_candidates=batch["labels"] != -100, generator=generator)
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 # ==== BOILERPLATE: models =======================================================================
@@ -561,29 +617,126 @@ def load_models(args: Args, dist, device, log):
     if len(tokenizer) > teacher.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only "
                         f"{teacher.config.vocab_size}; pass a teacher folder with its own tokenizer")
+    check_length(args, skeleton)
+    return (tokenizer, teacher, *student_and_groups(args, teacher, AutoModelForMaskedLM, device, log))
+
+def check_length(args: Args, skeleton) -> None:
     if args.max_seq_length > common.max_positions(skeleton):
         raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the teacher's "
                         f"{common.max_positions(skeleton)} positions; pass a smaller value")
+
+def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
+    """The student (--student, or the teacher's blocks) and the alignment groups; both models moved to `device`."""
     depth = len(transformer_blocks(teacher))
-    if args.student_num_layers and not args.student_layers:
-        args.student_layers = ",".join(map(str, common.default_student_layers(depth, args.student_num_layers)))
-    # IIT: the student is the teacher with fewer blocks: the embeddings, the listed blocks and the whole MLM
-    # head are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the head's transform random).
-    student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
+    if args.student:  # a smaller pretrained model of the family, its head new
+        student, which = common.from_pretrained(auto_class, args.student, "student", "--student", **head), args.student
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise UserError(f"student vocabulary ({student.config.vocab_size}) differs from the teacher's "
+                            f"({teacher.config.vocab_size}); pass a student with the teacher's tokenizer")
+    else:
+        if args.student_num_layers and not args.student_layers:
+            args.student_layers = ",".join(map(str, common.default_student_layers(depth, args.student_num_layers)))
+        # IIT: the student is the teacher with fewer blocks: the embeddings, the listed blocks and the whole head
+        # are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the MLM head's transform random).
+        student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
+        which = f"its blocks {args.student_layers}"
     try:
         groups = alignments(args.alignment, depth, len(transformer_blocks(student)))
     except ValueError as e:
         raise UserError(f"{e}; pass another --alignment") from None
-    log(f"teacher: {args.teacher} ({type(teacher).__name__}, {depth} blocks); student: its blocks {args.student_layers}")
+    log(f"teacher: {args.teacher} ({type(teacher).__name__}, {depth} blocks); student: {which}")
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
-    return tokenizer, teacher, student, groups
+    return student, groups
+
+# ==== TASK PATH: IIT on a fine-tuned classifier (--task cola ... wnli) ========================================
+# The same interchange, alignments and schedules: base and source are training examples (each example's source
+# fixed by a permutation drawn once, as for MLM) and the outputs are class logits, one row per example.
+def task_distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
+    """Loss of one micro-batch and its terms: `batch` from make_task_batch (`labels` (B,) the gold labels),
+    `weights` any object with .temperature, .alpha_ce, .alpha_task, .alpha_iit; group and schedule as for MLM."""
+    runs = base_and_counterfactual if schedule == "fast" and group is not None else base_source_counterfactual
+    teacher_layers, student_layers = group if group is not None else (None, None)
+    with torch.no_grad():
+        z_t = runs(teacher, batch, teacher_layers)[0]  # (R, C)
+    z_s, labels, B = runs(student, batch, student_layers)[0], batch["labels"], len(batch["labels"])
+    # T^2 KL per example; one output (STS-B): (z_s - z_t)^2, which is T^2 MSE(z_s/T, z_t/T)
+    kd = (z_s - z_t)[:, 0].float() ** 2 if z_s.shape[-1] == 1 else soft_target_kl(z_s, z_t, weights.temperature)
+    # L_ce = T^2 * 1/B * sum_i KL( softmax(z_t[i]/T) || softmax(z_s[i]/T) )
+    terms = {"ce": kd[:B].mean()}
+    # L_task = 1/B * sum_i -log p_s(y_i | x_i)     (STS-B: 1/B * sum_i (z_s[i] - y_i)^2)
+    terms["task"] = F.mse_loss(z_s[:B, 0].float(), labels.float()) if z_s.shape[-1] == 1 else \
+        F.cross_entropy(z_s[:B].float(), labels)
+    loss = weights.alpha_ce * terms["ce"] + weights.alpha_task * terms["task"]
+    if group is not None:
+        # IIT: L_iit = T^2 * 1/B * sum_i KL( softmax(z~_t[i]/T) || softmax(z~_s[i]/T) ), z~: counterfactual logits
+        terms["iit"] = kd[B:].mean()
+        loss = loss + weights.alpha_iit * terms["iit"]
+    return loss, terms
+
+def make_task_batch(data, source_of: np.ndarray, indices: list[int], pad_id: int, spec, args: Args, device,
+                    with_iit: bool, generator: torch.Generator | None = None) -> dict:
+    """Base examples and, for IIT, their sources cut or padded to the base batch's length, and the swap masks."""
+    batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
+    if with_iit:
+        T = batch["input_ids"].shape[1]
+        source = common.classification_batch(data[[int(source_of[i]) for i in indices]], pad_id, False, "cpu")
+        for name in model_inputs(source):
+            value = source[name][:, :T]
+            batch["source_" + name] = F.pad(value, (0, T - value.shape[1]), value=pad_id if name == "input_ids" else 0)
+        batch["base_swap"], batch["source_swap"] = interchange_masks(
+            batch["attention_mask"].sum(1), batch["source_attention_mask"].sum(1), T, args.interchange_prop,
+            args.interchange_mode, generator=generator)
+    return {name: value.to(device) for name, value in batch.items()}
+
+def load_task(args: Args, spec, dist, device, log):
+    """Tokenizer, data, teacher (a fine-tuned classifier; the demo's is fitted once), student and alignment groups."""
+    import datasets
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+    datasets.disable_progress_bars()
+    transformers_logging.set_verbosity_error()  # no load report: the log says which heads are new
+    base = args.teacher or common.demo_encoder("--teacher (a classifier fine-tuned on the task)")
+    skeleton = common.encoder_skeleton(common.from_pretrained(AutoConfig, base, "teacher", "--teacher"))
+    check_length(args, skeleton)
+    tokenizer = common.from_pretrained(AutoTokenizer, base, "tokenizer", "--teacher")
+    raw = common.demo_polarity() if demo_data(args) else \
+        common.load_glue(args.task, args.data_dir, args.train_file, args.validation_file)
+    for split in raw:
+        limit = args.max_train_samples if split == "train" else args.max_eval_samples
+        raw[split] = raw[split].select(range(min(limit, len(raw[split])))) if limit else raw[split]
+    takes_types = "token_type_ids" in inspect.signature(skeleton.forward).parameters  # not DistilBERT, RoBERTa, ...
+    data = common.tokenize_glue(raw, tokenizer, spec, args.max_seq_length, takes_types)
+    eval_sets = {split: data[split] for split in spec.validation_splits}
+    log(f"data: {args.task}, " + ", ".join(f"{len(data[split])} {split}" for split in data))
+    if args.teacher is None:  # the offline demo's: MiniLM fine-tuned on the polarity split, as adkd_distill.py's
+        settings = {k: v for k, v in common.DEMO_TEACHER.items() if k != "max_length"}
+        folder = common.demo_teacher_folder(base, **settings, max_length=args.max_seq_length, cache_dir=args.cache_dir)
+        args.teacher = str(common.fine_tuned_teacher(base, spec, tokenizer, data["train"], eval_sets, folder,
+                                                     **settings, dist=dist, device=device))
+    teacher, info = common.from_pretrained(AutoModelForSequenceClassification, args.teacher, "teacher", "--teacher",
+                                           output_loading_info=True)
+    if missing := common.new_weights(teacher, info):
+        raise UserError(f"teacher '{args.teacher}' has no trained classification head ({', '.join(missing[:3])} "
+                        f"missing from its weights); pass a classifier fine-tuned on {spec.name}")
+    if teacher.config.num_labels != spec.num_labels:
+        raise UserError(f"teacher '{args.teacher}' has num_labels={teacher.config.num_labels} but {spec.name} has "
+                        f"{spec.num_labels}; pass a classifier fine-tuned on {spec.name}")
+    student, groups = student_and_groups(args, teacher, AutoModelForSequenceClassification, device, log,
+                                         num_labels=spec.num_labels)
+    return tokenizer, teacher, student, groups, data["train"], eval_sets
+
 
 # ==== BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop ================
+def demo_data(args: Args) -> bool:  # the offline demo's data: the demo preset, and no data given
+    return args.preset == "demo" and not (args.train_file or args.data_dir or args.dataset_name)
+
 def resolve_args(args: Args) -> tuple[str, Path | None]:
     """Fill the unset flags from the preset and check them before anything is written: (why, checkpoint)."""
-    if args.task != "mlm":
-        raise UserError(f"--task '{args.task}' is not supported; iit_distill.py distills masked LMs: pass --task mlm")
+    mlm = args.task == "mlm"
+    if not mlm and args.task not in common.GLUE_TASKS:
+        raise UserError(f"--task '{args.task}' is not supported; pass --task mlm (masked-LM distillation) or a GLUE "
+                        f"task: {', '.join(common.GLUE_TASKS)}")
     if args.preset not in ("auto", *PRESETS):
         raise UserError(f"--preset '{args.preset}' is not one of auto, demo, paper")
     why = "asked for with --preset"
@@ -591,40 +744,54 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
         args.preset, why = ("paper", "a CUDA device is present") if torch.cuda.is_available() else \
             ("demo", "no CUDA device found; pass --preset paper for the paper's setting")
     ignored = {"dataset_name", "dataset_config_name"} if args.train_file else set()  # local files win
-    if args.student_num_layers:  # a depth given explicitly wins over the preset's layer list
+    if args.student_num_layers or args.student:  # a student given explicitly wins over the preset's layer list
         ignored.add("student_layers")
-    common.apply_preset(args, {k: v for k, v in PRESETS[args.preset].items() if k not in ignored})
+    preset = (PRESETS if mlm else GLUE_PRESETS)[args.preset]
+    common.apply_preset(args, {k: v for k, v in preset.items() if k not in ignored})
+    args.output_dir = args.output_dir or f"runs/iit-{args.task}" + ("-demo" if args.preset == "demo" else "")
     if bool(args.train_file) != bool(args.validation_file):
-        raise UserError("pass both --train_file and --validation_file (plain text, one paragraph per line)")
+        raise UserError("pass both --train_file and --validation_file")
     common.require_file(args.train_file, "--train_file")
     common.require_file(args.validation_file, "--validation_file")
     if args.student_layers:
         common.parse_layers(args.student_layers)
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps", "temperature")
-    not_negative = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_iit", "alpha_iit_cos", "save_steps", "mlm_smoothing")
+    not_negative = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_task", "alpha_iit", "alpha_iit_cos", "save_steps",
+                    "mlm_smoothing")
     bad = [f"--{name} must be positive, got {getattr(args, name)}" for name in positive if getattr(args, name) <= 0]
-    bad += [f"--{name} must not be negative" for name in not_negative if getattr(args, name) < 0]
+    bad += [f"--{name} must not be negative" for name in not_negative if (getattr(args, name) or 0) < 0]
     bad += [f"--{name} must be in (0, 1]" for name in ("interchange_prop", "mlm_probability")
             if not 0.0 < getattr(args, name) <= 1.0]
     if args.interchange_mode not in ("consecutive", "random", "masked"):
         bad.append(f"--interchange_mode '{args.interchange_mode}' is not one of consecutive, random, masked")
-    if not 3 <= args.min_seq_length <= args.max_seq_length:
+    if mlm and not 3 <= args.min_seq_length <= args.max_seq_length:
         bad.append(f"need 3 <= --min_seq_length ({args.min_seq_length}) <= --max_seq_length ({args.max_seq_length})")
+    only = ("alpha_mlm", "alpha_cos", "alpha_iit_cos", "dataset_name", "mlm_smoothing") if not mlm else \
+        ("alpha_task", "data_dir")
+    bad += [f"--{name} does not apply to --task {args.task}" for name in only if getattr(args, name) is not None]
+    if not mlm and args.interchange_mode == "masked":
+        bad.append("--interchange_mode masked swaps the MLM-masked tokens: pass consecutive or random")
+    if not mlm and demo_data(args) and args.task != "sst2":
+        bad.append(f"the demo data is SST-2-style; for {args.task} pass --data_dir or --train_file/--validation_file")
+    if not mlm and args.teacher is None and args.preset != "demo":
+        bad.append(f"pass --teacher, a classifier fine-tuned on {args.task} (python eval_tasks.py --model MODEL "
+                   f"--task {args.task} writes one)")
     if bad:
         raise UserError(bad[0])
     common.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint is not None)
     return why, common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
-def optimiser_steps(args: Args, num_sequences: int, dist) -> int:
-    """--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches."""
+def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
+    """(--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches; steps in
+    an epoch)."""
     batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
     if batches < args.gradient_accumulation_steps:
         raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
                         f"({args.gradient_accumulation_steps}); pass a smaller --per_device_train_batch_size or "
                         f"--gradient_accumulation_steps")
-    return args.max_steps if args.max_steps > 0 else \
-        math.ceil(args.num_train_epochs * (batches // args.gradient_accumulation_steps))
+    per_epoch = batches // args.gradient_accumulation_steps
+    return (args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)), per_epoch
 
 def make_optimizer(student, args: Args, total_steps: int):
     """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
@@ -673,16 +840,30 @@ def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: i
             yield epoch, position + 1, mine[position]
         epoch, position = epoch + 1, 0
 
-def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, evaluate, dist) -> dict:
-    """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings."""
-    keys = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples", "max_seq_length",
-            "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
+def held_out_pairs(args: Args, eval_set, tokenizer, device, seed: int = 1234) -> list[dict]:
+    """interchange_agreement's (base, source) pairs: each validation example with another (a seeded permutation),
+    masked (MLM: uniform 15%) and swap masks drawn from `seed`: the same for every model, run and resume."""
+    generator = torch.Generator().manual_seed(seed)
+    source_of, size = torch.randperm(len(eval_set), generator=generator).numpy(), args.per_device_eval_batch_size
+    def batch(indices):
+        if args.task == "mlm":
+            return make_batch(eval_set, source_of, indices, tokenizer, None, args, device, True, generator)
+        return make_task_batch(eval_set, source_of, indices, tokenizer.pad_token_id, common.GLUE_TASKS[args.task],
+                               args, device, True, generator)
+    return [batch(list(range(start, min(start + size, len(eval_set))))) for start in range(0, len(eval_set), size)]
+
+def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, before, dist) -> dict:
+    """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings.
+    before(): what is measured on the initial student (rank 0)."""
+    keys = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples",
+            "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
     signature = {k: getattr(args, k) for k in keys} | {"world_size": dist.world_size, "total_steps": total_steps}
     if checkpoint is None:
-        before = evaluate(student) if dist.is_main else float("nan")
+        measured = before() if dist.is_main else {}
         common.set_seed(args.seed + dist.rank, args.deterministic)  # after the one-off work that used the RNG
         return {"step": 0, "epoch": 0, "batches_done": 0, "loss_sum": 0.0, "loss_count": 0, "runtime": 0.0,
-                "student_perplexity_before": before, "signature": signature}
+                "best_score": -math.inf, "best_epoch": -1, "best": {}, "history": [], **measured,
+                "signature": signature}
     state = common.load_checkpoint(checkpoint, student, optimizer, scheduler)
     changed = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
     if changed:
@@ -692,33 +873,62 @@ def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_
         common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)
     return state
 
+def keep_best(state: dict, metrics: dict, epoch: int, spec, student, tokenizer, args: Args, dist) -> None:
+    """The task path's epoch end: dev scores in the history, the best epoch's student saved in output_dir (as
+    adkd_distill.py: CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy)."""
+    state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
+    if common.selection_score(spec, metrics) > state["best_score"]:
+        state.update(best_score=common.selection_score(spec, metrics), best_epoch=epoch, best=metrics)
+        if dist.is_main:
+            common.save_model(args.output_dir, student, tokenizer)
+
 def main(args: Args) -> dict:
     # BOILERPLATE: set-up --------------------------------------------------------------------------
     why, checkpoint = resolve_args(args)
     dist, device = common.init_distributed(args.device)
     log = functools.partial(print, flush=True) if dist.is_main else (lambda *a, **k: None)
     log(f"preset: {args.preset} ({why})")
-    tokenizer, teacher, student, groups = load_models(args, dist, device, log)
-    train_ids, eval_ids = load_data(args, tokenizer, dist, log)
-    use_iit, schedule = args.alpha_iit > 0 or args.alpha_iit_cos > 0, "fast"
-    if use_iit and not all(one_forward_is_exact(model, [group[side] for group in groups], teacher.config.vocab_size)
+    mlm, spec = args.task == "mlm", common.GLUE_TASKS.get(args.task)
+    if mlm:
+        tokenizer, teacher, student, groups = load_models(args, dist, device, log)
+        train_set, eval_set = load_data(args, tokenizer, dist, log)
+    else:
+        tokenizer, teacher, student, groups, train_set, eval_set = load_task(args, spec, dist, device, log)
+    pairs = held_out_pairs(args, eval_set if mlm else eval_set["validation"], tokenizer, device)
+    use_iit, schedule = args.alpha_iit > 0 or (args.alpha_iit_cos or 0) > 0, "fast"
+    probe = {name: value[:4] for name, value in pairs[0].items()}  # four held-out pairs, padded rows among them
+    if use_iit and not all(one_forward_is_exact(model, [group[side] for group in groups], probe)
                            for side, model in enumerate((teacher, student))):
         schedule = "plain"
         log(f"schedule: the plain three forwards per model ({type(teacher).__name__} gives other outputs from the "
             f"one-forward schedule)")
-    lengths = np.array([len(x) for x in train_ids["input_ids"]])
+    lengths = np.array([len(x) for x in train_set["input_ids"]])
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
-    source_of = np.random.default_rng(args.seed).permutation(len(train_ids))
-    weights = token_weights(train_ids, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids)
-    total_steps, accumulation = optimiser_steps(args, len(train_ids), dist), args.gradient_accumulation_steps
+    source_of = np.random.default_rng(args.seed).permutation(len(train_set))
+    weights = token_weights(train_set, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids) if mlm else None
+    (total_steps, per_epoch), accumulation = optimiser_steps(args, len(train_set), dist), \
+        args.gradient_accumulation_steps
     optimizer, scheduler = make_optimizer(student, args, total_steps)
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
-        f"sequences, alignment {args.alignment}; every setting in {Path(args.output_dir) / 'args.json'}")
-    evaluate = functools.partial(perplexity, eval_ids=eval_ids, tokenizer=tokenizer, args=args, device=device)
-    teacher_perplexity = evaluate(teacher) if dist.is_main else float("nan")
-    state = training_state(args, checkpoint, student, optimizer, scheduler, total_steps, evaluate, dist)
-    log(f"resumed from {checkpoint} at step {state['step']}" if checkpoint else "perplexity before distillation: "
-        f"teacher {teacher_perplexity:.2f}, student {state['student_perplexity_before']:.2f}")
+        f"{'sequences' if mlm else 'examples'}, alignment {args.alignment}; every setting in "
+        f"{Path(args.output_dir) / 'args.json'}")
+    evaluate = functools.partial(perplexity, eval_ids=eval_set, tokenizer=tokenizer, args=args, device=device) if mlm \
+        else functools.partial(common.classifier_scores, eval_sets=eval_set, spec=spec, pad_id=tokenizer.pad_token_id,
+                               batch_size=args.per_device_eval_batch_size, device=device, bf16=args.bf16)
+    teacher_predictions = predictions(teacher, pairs, [t for t, _ in groups], schedule) if dist.is_main else []
+    agreement = functools.partial(interchange_agreement, teacher, batches=pairs, groups=groups, schedule=schedule,
+                                  teacher_predictions=teacher_predictions)
+    teacher_score = evaluate(teacher) if dist.is_main else float("nan")
+    before_key = "student_perplexity_before" if mlm else "student_before"
+    state = training_state(args, checkpoint, student, optimizer, scheduler, total_steps,
+                           lambda: {before_key: evaluate(student), "agreement_before": agreement(student)}, dist)
+    if checkpoint or not dist.is_main:
+        log(f"resumed from {checkpoint} at step {state['step']}")
+    elif mlm:
+        log(f"perplexity before distillation: teacher {teacher_score:.2f}, student {state[before_key]:.2f}")
+    else:
+        log("dev before distillation: " + ", ".join(f"{k} teacher {v:.4f}, student {state[before_key][k]:.4f}"
+                                                    for k, v in teacher_score.items()))
     model = torch.nn.parallel.DistributedDataParallel(
         student, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else student
     tracker = None
@@ -736,10 +946,12 @@ def main(args: Args) -> dict:
             epoch, batches_done, indices = next(stream)
             # IIT: one alignment group per micro-batch (as officially); the same on every rank and after a resume
             group = groups[np.random.default_rng([args.seed, step, micro]).integers(len(groups))] if use_iit else None
-            batch = make_batch(train_ids, source_of, indices, tokenizer, weights, args, device, use_iit)
+            batch = make_batch(train_set, source_of, indices, tokenizer, weights, args, device, use_iit) if mlm else \
+                make_task_batch(train_set, source_of, indices, tokenizer.pad_token_id, spec, args, device, use_iit)
             with model.no_sync() if dist.enabled and micro < accumulation - 1 else contextlib.nullcontext():
                 with common.autocast(device, args.bf16):
-                    loss, terms = distillation_loss(model, teacher, batch, args, group, schedule)
+                    loss, terms = (distillation_loss if mlm else task_distillation_loss)(model, teacher, batch, args,
+                                                                                          group, schedule)
                 (loss / accumulation).backward()
             running = {name: running.get(name, 0.0) + value.item() for name, value in terms.items()}
             running_count += 1
@@ -756,31 +968,53 @@ def main(args: Args) -> dict:
             if tracker:
                 tracker.log({f"train/{name}": value for name, value in mean.items()}, step=step)
             running, running_count = {}, 0
+        state.update(step=step, epoch=epoch, batches_done=batches_done)
+        if not mlm and (step % per_epoch == 0 or step == total_steps):  # the task path: dev scores every epoch
+            metrics = evaluate(student)
+            log(f"epoch {epoch} dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            keep_best(state, metrics, epoch, spec, student, tokenizer, args, dist)
+            student.train()
         if args.save_steps and step % args.save_steps == 0 and step < total_steps and dist.is_main:
-            state.update(step=step, epoch=epoch, batches_done=batches_done,
-                         runtime=state["runtime"] + time.time() - start_time)
-            start_time = time.time()
+            state["runtime"], start_time = state["runtime"] + time.time() - start_time, time.time()
             common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler, state)
     # Evaluation and outputs (rank 0) -------------------------------------------------------------
     results = {}
     if dist.is_main:
-        results = {"teacher_perplexity": teacher_perplexity, "student_perplexity": evaluate(student),
-                   "student_perplexity_before": state["student_perplexity_before"],
-                   "train_loss": state["loss_sum"] / max(state["loss_count"], 1), "train_steps": step,
-                   "train_runtime": state["runtime"] + time.time() - start_time, "eval_samples": len(eval_ids),
-                   "preset": args.preset, "alignment": args.alignment, "iit": use_iit}
-        common.save_model(args.output_dir, student, tokenizer)
-        common.write_json(Path(args.output_dir) / "results.json", results)
+        state["runtime"] += time.time() - start_time
+        results = finish(args, state, student, tokenizer, teacher_score, evaluate, agreement, use_iit, device)
         if tracker:
-            tracker.log({f"eval/{k}": results[k] for k in ("student_perplexity", "teacher_perplexity")})
+            tracker.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)})
             tracker.finish()
-        log(f"perplexity: student before {results['student_perplexity_before']:.2f} -> after "
-            f"{results['student_perplexity']:.2f} (teacher {teacher_perplexity:.2f})")
-        log(f"saved: the student, results.json and args.json in {args.output_dir}")
-        log(f"next: python eval_tasks.py --model {args.output_dir}")
+        log(f"saved: the {'student' if mlm else 'best student'}, results.json and args.json in {args.output_dir}")
+        log(f"next: python eval_tasks.py --model {args.output_dir}" + ("" if mlm or demo_data(args) else
+                                                                         f" --task {args.task}"))
     if dist.enabled:
         torch.distributed.barrier()
     common.cleanup_distributed(dist)
+    return results
+
+def finish(args: Args, state: dict, student, tokenizer, teacher_score, evaluate, agreement, use_iit, device) -> dict:
+    """The last screen and results.json (written last); MLM: the final student saved, GLUE: the best one kept."""
+    results = {"train_loss": state["loss_sum"] / max(state["loss_count"], 1), "train_steps": state["step"],
+               "train_runtime": state["runtime"], "preset": args.preset, "alignment": args.alignment, "iit": use_iit}
+    if args.task == "mlm":
+        results.update(teacher_perplexity=teacher_score, student_perplexity=evaluate(student),
+                       student_perplexity_before=state["student_perplexity_before"])
+        common.save_model(args.output_dir, student, tokenizer)
+        print(f"perplexity: student before {results['student_perplexity_before']:.2f} -> after "
+              f"{results['student_perplexity']:.2f} (teacher {teacher_score:.2f})")
+    else:  # the best epoch's student, saved in output_dir by keep_best
+        student = type(student).from_pretrained(args.output_dir).to(device)
+        results.update(state["best"], **{f"teacher_{k}": v for k, v in teacher_score.items()},
+                       student_before=state["student_before"], best_epoch=state["best_epoch"], history=state["history"])
+        scores = ", ".join(f"{k} {teacher_score[k]:.4f} -> {v:.4f}" for k, v in state["best"].items())
+        print(f"dev, teacher -> best student (epoch {state['best_epoch']}): {scores}")
+    after, before = agreement(student), state["agreement_before"]
+    results.update(interchange_agreement=after["counterfactual"], plain_agreement=after["plain"],
+                   interchange_agreement_before=before["counterfactual"], plain_agreement_before=before["plain"])
+    print(f"interchange-intervention agreement with the teacher: {before['counterfactual']:.1%} -> "
+          f"{after['counterfactual']:.1%} (with no intervention: {before['plain']:.1%} -> {after['plain']:.1%})")
+    common.write_json(Path(args.output_dir) / "results.json", results)
     return results
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_one_forward_schedule_equals_the_three_forwards(teachers, family):
     args = iit.Args(alpha_iit_cos=0.5)
     groups = iit.alignments("full", 4, 3) + iit.alignments("3:1;1:2", 4, 3)
     for side, model in enumerate((teacher, student_a)):
-        assert iit.one_forward_is_exact(model, [g[side] for g in groups], teacher.config.vocab_size), family
+        assert iit.one_forward_is_exact(model, [g[side] for g in groups], batch), family
     for group in groups:
         results = []
         for student, schedule in ((student_a, "fast"), (student_b, "plain")):
@@ -271,7 +271,8 @@ def test_adkd_runs(teachers, family, tmp_path):
     teacher.save_pretrained(str(tmp_path / "teacher"))
     tok.save_pretrained(str(tmp_path / "teacher"))
     results = adkd.main(adkd.Args(task="sst2", preset="paper", data_dir=str(glue_folder(tmp_path)),
-                                  teacher=str(tmp_path / "teacher"), student_layers="0,3", output_dir=str(tmp_path / "o"),
+                                  teacher=str(tmp_path / "teacher"), student_layers="0,3",
+                                  output_dir=str(tmp_path / "o"),
                                   max_seq_length=32, per_device_train_batch_size=8, max_steps=3, logging_steps=1,
                                   save_steps=0, ig_steps=2, show_attributions=1))
     assert results["train_steps"] == 3 and 0 <= results["eval_accuracy"] <= 1
@@ -391,7 +392,8 @@ def test_shared_and_causal_layouts_are_refused(tmp_path, teachers):
 
     _, tok = load(teachers["bert"])
     size = dict(vocab_size=len(tok), hidden_size=32, num_attention_heads=2, intermediate_size=64)
-    models = {"shared across depth": transformers.AlbertForMaskedLM(transformers.AlbertConfig(embedding_size=16, **size)),
+    albert = transformers.AlbertConfig(embedding_size=16, **size)
+    models = {"shared across depth": transformers.AlbertForMaskedLM(albert),
               "attends causally": transformers.GPT2LMHeadModel(transformers.GPT2Config(
                   vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2)),
               "attends causally ": transformers.LlamaForCausalLM(transformers.LlamaConfig(
