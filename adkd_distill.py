@@ -257,8 +257,9 @@ def load_teacher(args: Args, spec, tokenizer, train_set, eval_sets, out_dir: Pat
     if folder is None:
         settings = dict(batch_size=args.teacher_batch_size, learning_rate=args.teacher_learning_rate,
                         epochs=args.teacher_epochs)
+        sizes = (len(train_set), sum(map(len, eval_sets.values())))
         folder = common.demo_teacher_folder(args.teacher_base, **settings, max_length=args.max_seq_length,
-                                            cache_dir=args.cache_dir) if demo else out_dir / "teacher"
+                                            cache_dir=args.cache_dir, sizes=sizes) if demo else out_dir / "teacher"
         common.fine_tuned_teacher(args.teacher_base, spec, tokenizer, train_set, eval_sets, folder, **settings,
                                   dist=dist, device=device)
     teacher = common.from_pretrained(AutoModelForSequenceClassification, str(folder), "teacher", "--teacher")

@@ -201,12 +201,13 @@ def embedding_module(model) -> torch.nn.Module:
         raise UserError(f"{type(unwrap(model).base_model).__name__} has no .embeddings module; pass a {FAMILIES} model")
     return embeddings
 
-def max_positions(model) -> int:
-    """The longest input: the position table's size (RoBERTa's counts from padding_idx + 1), else the config's."""
-    table = getattr(embedding_module(model), "position_embeddings", None)
+def max_positions(model) -> float:
+    """The longest input: the position table's size (RoBERTa's counts from padding_idx + 1), else the config's,
+    else inf (no limit known)."""
+    table = getattr(getattr(unwrap(model).base_model, "embeddings", None), "position_embeddings", None)
     if isinstance(table, torch.nn.Embedding):
         return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
-    return model.config.max_position_embeddings
+    return getattr(model.config, "max_position_embeddings", math.inf)
 
 def encoder_skeleton(config):
     """The bare encoder of `config` on the meta device (no memory, no weights), its layout checked: a model these
@@ -256,7 +257,7 @@ def init_student_from_teacher(teacher, layers: list[int]):
     for i, layer in enumerate(layers):  # ModernBERT builds block 0 without the attention norm the others have
         if differ := sorted(set(transformer_blocks(student)[i].state_dict()) ^ set(blocks[layer].state_dict())):
             raise UserError(f"student block {i} cannot hold teacher block {layer}: {type(teacher).__name__} builds "
-                            f"them with other weights ({', '.join(differ[:3])}); start --student_layers with {i}")
+                            f"them with other weights ({', '.join(differ[:3])}); start --student_layers with 0")
     path = next(name for name, module in teacher.named_modules() if module is blocks)  # e.g. 'bert.encoder.layer'
     block = re.compile(rf"^{re.escape(path)}\.(\d+)\.")  # student block i <- teacher block layers[i]
     teacher_weights = teacher.state_dict()
@@ -532,7 +533,7 @@ def classification_batch(rows: dict, pad_id: int, regression: bool, device) -> d
              "attention_mask": torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids]),
              "labels": torch.tensor(rows["label"], dtype=torch.float if regression else torch.long),
              "index": torch.tensor(rows["index"], dtype=torch.long)}
-    if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, RoBERTa, ModernBERT)
+    if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, ModernBERT)
         batch["token_type_ids"] = torch.tensor([row + [0] * (T - len(row)) for row in rows["token_type_ids"]])
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -565,10 +566,11 @@ def selection_score(spec: GlueTask, metrics: dict) -> float:
 DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64)
 
 def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
-                        cache_dir: str | None = None) -> Path:
-    """Where a demo teacher fine-tuned with these settings is cached, whichever script fitted it first."""
+                        cache_dir: str | None = None, sizes: tuple = (160, 40)) -> Path:
+    """Where a demo teacher fine-tuned with these settings (and `sizes`: training and dev examples) is cached,
+    whichever script fitted it first."""
     key = json.dumps([base, batch_size, learning_rate, epochs, max_length, "seed 42",
-                      "polarity fold 0 (i % 5), cp1252"])
+                      "polarity fold 0 (i % 5), cp1252"] + ([list(sizes)] if tuple(sizes) != (160, 40) else []))
     return cache_root(cache_dir) / f"demo-polarity-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
@@ -581,6 +583,7 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
     if (folder / "config.json").is_file():
         say(f"teacher: reusing the one fine-tuned in {folder}", flush=True)
         return folder
+    partial = folder.with_name(folder.name + ".partial")  # renamed to `folder` when done: an interrupted fit is redone
     say(f"teacher: fine-tuning {base} into {folder}, {epochs:g} epochs of batch {batch_size}, lr {learning_rate:g}; "
         f"its classifier head is new", flush=True)
     set_seed(42 + dist.rank)
@@ -612,7 +615,9 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
         if selection_score(spec, metrics) > best:
             best = selection_score(spec, metrics)
             if dist.is_main:
-                save_model(folder, model, tokenizer)
+                save_model(partial, model, tokenizer)
+    if dist.is_main:
+        os.replace(partial, folder)
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 has written the best teacher
     return folder

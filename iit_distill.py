@@ -705,13 +705,14 @@ def load_task(args: Args, spec, dist, device, log):
     for split in raw:
         limit = args.max_train_samples if split == "train" else args.max_eval_samples
         raw[split] = raw[split].select(range(min(limit, len(raw[split])))) if limit else raw[split]
-    takes_types = "token_type_ids" in inspect.signature(skeleton.forward).parameters  # not DistilBERT, RoBERTa, ...
+    takes_types = "token_type_ids" in inspect.signature(skeleton.forward).parameters  # not DistilBERT, ModernBERT
     data = common.tokenize_glue(raw, tokenizer, spec, args.max_seq_length, takes_types)
     eval_sets = {split: data[split] for split in spec.validation_splits}
     log(f"data: {args.task}, " + ", ".join(f"{len(data[split])} {split}" for split in data))
     if args.teacher is None:  # the offline demo's: MiniLM fine-tuned on the polarity split, as adkd_distill.py's
         settings = {k: v for k, v in common.DEMO_TEACHER.items() if k != "max_length"}
-        folder = common.demo_teacher_folder(base, **settings, max_length=args.max_seq_length, cache_dir=args.cache_dir)
+        folder = common.demo_teacher_folder(base, **settings, max_length=args.max_seq_length, cache_dir=args.cache_dir,
+                                            sizes=(len(data["train"]), sum(map(len, eval_sets.values()))))
         args.teacher = str(common.fine_tuned_teacher(base, spec, tokenizer, data["train"], eval_sets, folder,
                                                      **settings, dist=dist, device=device))
     teacher, info = common.from_pretrained(AutoModelForSequenceClassification, args.teacher, "teacher", "--teacher",
@@ -774,13 +775,17 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
         bad.append("--interchange_mode masked swaps the MLM-masked tokens: pass consecutive or random")
     if not mlm and demo_data(args) and args.task != "sst2":
         bad.append(f"the demo data is SST-2-style; for {args.task} pass --data_dir or --train_file/--validation_file")
-    if not mlm and args.teacher is None and args.preset != "demo":
+    if not mlm and args.teacher is None and not demo_data(args):  # the demo teacher knows the demo data only
         bad.append(f"pass --teacher, a classifier fine-tuned on {args.task} (python eval_tasks.py --model MODEL "
                    f"--task {args.task} writes one)")
     if bad:
         raise UserError(bad[0])
     common.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint is not None)
-    return why, common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    checkpoint = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if not mlm and checkpoint and checkpoint.resolve().parent != Path(args.output_dir).resolve():
+        raise UserError(f"the best student so far is in the run folder of '{checkpoint}'; resume with --output_dir "
+                        f"{checkpoint.parent}")
+    return why, checkpoint
 
 def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
     """(--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches; steps in
@@ -896,8 +901,8 @@ def main(args: Args) -> dict:
         tokenizer, teacher, student, groups, train_set, eval_set = load_task(args, spec, dist, device, log)
     pairs = held_out_pairs(args, eval_set if mlm else eval_set["validation"], tokenizer, device)
     use_iit, schedule = args.alpha_iit > 0 or (args.alpha_iit_cos or 0) > 0, "fast"
-    probe = {name: value[:4] for name, value in pairs[0].items()}  # four held-out pairs, padded rows among them
-    if use_iit and not all(one_forward_is_exact(model, [group[side] for group in groups], probe)
+    probe = {name: value[:4] for name, value in pairs[0].items()}  # four held-out pairs (agreement uses them too)
+    if not all(one_forward_is_exact(model, [group[side] for group in groups], probe)
                            for side, model in enumerate((teacher, student))):
         schedule = "plain"
         log(f"schedule: the plain three forwards per model ({type(teacher).__name__} gives other outputs from the "

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -167,14 +168,16 @@ def test_task_resume_reproduces_the_straight_run(tmp_path, teacher_dirs):
 
     a, b = tmp_path / "a", tmp_path / "b"
     straight = iit.main(run_args(tmp_path, "sst2", teacher_dirs[2], output_dir=str(a), max_steps=5, save_steps=2))
+    shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")  # an interrupted run, resumed in its own folder
     resumed = iit.main(run_args(tmp_path, "sst2", teacher_dirs[2], output_dir=str(b), max_steps=5, save_steps=2,
-                                resume_from_checkpoint=str(a / "checkpoint-2")))
+                                resume_from_checkpoint="latest"))
     wa, wb = (load_file(str(run / "checkpoint-4" / "model.safetensors")) for run in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed["history"] == straight["history"] and resumed["train_loss"] == pytest.approx(straight["train_loss"])
 
 
-@pytest.mark.parametrize("problem", ["task", "no head", "labels", "masked mode", "mlm flag"])
+@pytest.mark.parametrize("problem", ["task", "no head", "labels", "masked mode", "mlm flag",
+                                     "demo teacher, own data", "resume elsewhere"])
 def test_task_bad_input_is_one_line_and_writes_nothing(tmp_path, teacher_dirs, tiny_mlm_dir, problem):
     task, kw, message = {
         "task": ("sst2", dict(task="sst5"), "pass --task mlm (masked-LM distillation) or a GLUE task"),
@@ -182,7 +185,13 @@ def test_task_bad_input_is_one_line_and_writes_nothing(tmp_path, teacher_dirs, t
         "labels": ("mnli", {}, "num_labels=2 but mnli has 3"),
         "masked mode": ("sst2", dict(interchange_mode="masked"), "--interchange_mode masked"),
         "mlm flag": ("sst2", dict(alpha_cos=0.5), "--alpha_cos does not apply to --task sst2"),
+        "demo teacher, own data": ("sst2", dict(teacher=None, preset="demo"), "pass --teacher, a classifier"),
+        "resume elsewhere": ("sst2", dict(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")),
+                             "the best student so far is in the run folder"),
     }[problem]
+    (tmp_path / "a" / "checkpoint-2").mkdir(parents=True)  # another run's checkpoint, in name only
+    for name in ("model.safetensors", "training_state.pt"):
+        (tmp_path / "a" / "checkpoint-2" / name).touch()
     args = run_args(tmp_path, task, teacher_dirs[2], **{k: v for k, v in kw.items() if k != "task"})
     args.task = kw.get("task", task)
     with pytest.raises(common.UserError, match=re.escape(message)) as info:
