@@ -566,11 +566,11 @@ def selection_score(spec: GlueTask, metrics: dict) -> float:
 DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64)
 
 def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
-                        cache_dir: str | None = None, sizes: tuple = (160, 40)) -> Path:
-    """Where a demo teacher fine-tuned with these settings (and `sizes`: training and dev examples) is cached,
-    whichever script fitted it first."""
-    key = json.dumps([base, batch_size, learning_rate, epochs, max_length, "seed 42",
-                      "polarity fold 0 (i % 5), cp1252"] + ([list(sizes)] if tuple(sizes) != (160, 40) else []))
+                        sizes: tuple[int, int], cache_dir: str | None = None) -> Path:
+    """Where a demo teacher fine-tuned with these settings on `sizes` (training, dev) examples is cached, whichever
+    script fitted it first."""
+    key = json.dumps([base, batch_size, learning_rate, epochs, max_length, list(sizes), "seed 42",
+                      "polarity fold 0 (i % 5), cp1252"])
     return cache_root(cache_dir) / f"demo-polarity-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
