@@ -109,7 +109,7 @@ class Args:
     logging_steps: int | None = option(None, "Print every loss term every N optimiser steps")
     save_steps: int | None = option(None, "Write output_dir/checkpoint-<step>/ every N steps (0: never)")
     resume_from_checkpoint: str | None = option(None, "A checkpoint-<step> folder, or 'latest' in output_dir")
-    bf16: bool = option(False, "bf16 autocast (CUDA, or CPU with bf16 support)")
+    bf16: bool | None = common.bf16_flag()
     device: str = option("auto", "auto | cpu | cuda | mps")
     cache_dir: str | None = option(None, "Where the demo teacher is cached (default ~/.cache/bert-distill)")
     show_attributions: int = option(3, "At the end, show the token attributions of this many dev examples")
@@ -286,13 +286,8 @@ def log(dist, text: str) -> None:
         print(text, flush=True)
 
 def optimizer_and_state(model, args: Args, total_steps: int, resume: Path | None, dist):
-    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon)
-    warmup_steps = int(args.warmup_ratio * total_steps)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    optimizer, scheduler = common.adamw(model, args.learning_rate, total_steps, args.warmup_ratio, args.weight_decay,
+                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     state = dict(step=0, epoch=0, batches_done=0, best_score=-math.inf, best_epoch=-1, best={}, history=[])
     if resume is not None:
         state.update(common.load_checkpoint(resume, model, optimizer, scheduler))
@@ -448,10 +443,11 @@ def main(args: Args) -> dict:
                                        "--teacher" if args.teacher else "--teacher_base")
     # BOILERPLATE: DDP, the first screen (output_dir/args.json will hold every setting), seed, quiet loaders, data
     dist, device = common.init_distributed(args.device)
+    args.bf16, precision = common.precision(device, args.bf16)
     student_line = f"teacher blocks {args.student_layers}" if args.student_layers else f"{args.student} (new head)"
     method = "AD-KD" if args.beta > 0 else "plain KD (beta 0)"
     length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
-    log(dist, f"preset: {preset} ({why})\nteacher: {args.teacher or args.teacher_base}\nstudent: {student_line}\n"
+    log(dist, f"preset: {preset} ({why})\n{precision}\nteacher: {args.teacher or args.teacher_base}\nstudent: {student_line}\n"
               f"data: {args.task}, " + ", ".join(f"{len(raw[split])} {split}" for split in raw))
     log(dist, f"{method}: {length} of batch {args.per_device_train_batch_size}, lr {args.learning_rate:g}, alpha "
               f"{args.alpha}, beta {args.beta}, T {args.temperature} ({args.kd_type}), top-K {args.topk}, "

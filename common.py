@@ -31,6 +31,7 @@ class UserError(Exception):
 
 def run_cli(main, args_class, argv=None):
     from transformers import HfArgumentParser
+    sys.stdout.reconfigure(line_buffering=True)  # each log line reaches a redirected stdout (a cluster's log file) now
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
     try:
         return main(args)
@@ -63,8 +64,31 @@ def get_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
     return device
 
+def bf16_flag():  # the scripts' --bf16 [true|false]; unset (None): see precision()
+    return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": "bf16 autocast, fp32 weights "
+                             "and optimiser state (unset: on for a CUDA device with bf16, else off; --bf16 false: off)"})
+
+def precision(device: torch.device, bf16: bool | None) -> tuple[bool, str]:
+    """Whether bf16 autocast runs (unset: on a CUDA device that supports it) and the first screen's line saying so.
+    Under bf16 on CUDA, the fp32 matmuls left outside autocast may use TF32; --bf16 false is plain fp32."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    torch.set_float32_matmul_precision("high" if bf16 and device.type == "cuda" else "highest")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return bf16, f"device: {name}, " + ("bf16 autocast, fp32 weights" + ", TF32" * (device.type == "cuda") if bf16
+                                        else "fp32")
+
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
+    """AdamW (fused on CUDA), no weight decay on biases and LayerNorm weights; linear warm-up over `warmup_ratio` of
+    the steps, then linear decay to 0. `adam`: betas, eps."""
+    from transformers import get_linear_schedule_with_warmup
+    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, fused=named[0][1].is_cuda, **adam)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
 
 def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
@@ -578,7 +602,7 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
     """`folder` holding `base` with a new head fine-tuned on the task (done once: a folder holding one is reused), as
     the official AD-KD teacher scripts do: cross-entropy (STS-B: MSE), AdamW (eps 1e-8, no decay), no warm-up,
     linear decay, clipping 1.0, seed 42; dev scores each epoch, the best epoch kept."""
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification
     say = print if dist.is_main else (lambda *a, **k: None)
     if (folder / "config.json").is_file():
         say(f"teacher: reusing the one fine-tuned in {folder}", flush=True)
@@ -592,8 +616,7 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
     sampler = torch.utils.data.DistributedSampler(range(len(train_set)), dist.world_size, dist.rank, seed=42)
     steps_per_epoch = math.ceil(len(sampler) / batch_size)
     total_steps, step, best = math.ceil(epochs * steps_per_epoch), 0, -math.inf
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, eps=1e-8, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+    optimizer, scheduler = adamw(model, learning_rate, total_steps, eps=1e-8)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         sampler.set_epoch(epoch)

@@ -83,7 +83,7 @@ class Args:
     logging_steps: int = arg(50, "print the loss every N optimiser steps")
     save_steps: int = arg(500, "write output_dir/checkpoint-<step>/ every N optimiser steps (0: never)")
     resume_from_checkpoint: str | None = arg(None, "a checkpoint-<step> folder, or 'latest' in output_dir")
-    bf16: bool = arg(False, "bf16 autocast (CUDA, or a CPU with bf16 support)")
+    bf16: bool | None = common.bf16_flag()
     device: str = arg("auto", "auto | cpu | cuda | mps")
 
 
@@ -259,12 +259,8 @@ def fine_tune(model, tokenizer, collator, train_features, args: Args, device, di
                         collate_fn=collator, generator=torch.Generator())
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")  # the Trainer's grouping
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon)
-    warmup_steps = int(args.warmup_ratio * total_steps)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    optimizer, scheduler = common.adamw(model, args.learning_rate, total_steps, args.warmup_ratio, args.weight_decay,
+                                        eps=args.adam_epsilon)  # the Trainer's grouping
     step, start_epoch, skip = 0, 0, 0
     if args.resume_from_checkpoint:
         state = common.load_checkpoint(args.resume_from_checkpoint, model, optimizer, scheduler)
@@ -507,6 +503,9 @@ def main(args: Args) -> dict:
         common.check_output_dir(run.output_dir, run.overwrite_output_dir, resuming=resume is not None)
 
     dist, device = common.init_distributed(args.device)  # BOILERPLATE: torchrun -> DDP, once per process
+    bf16, precision = common.precision(device, args.bf16)
+    for run in runs:
+        run.bf16 = bf16
     try:
         if demo:
             data = common.demo_polarity()
@@ -526,7 +525,7 @@ def main(args: Args) -> dict:
             print(f"fine-tuning {names} on {args.task} ({source or 'the Hub'}: "
                   f"{len(data['train'])} train, {len(data['validation'])} dev) | lr {args.learning_rate:g}, {length}, "
                   f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {dist.world_size}, "
-                  f"max length {args.max_seq_length}, {device}")
+                  f"max length {args.max_seq_length}, {precision}")
             print("the task head is new (random weights) and is trained here with the encoder")
         transformers.logging.set_verbosity_error()  # silences the loader's "newly initialized" report: said above
         transformers.logging.disable_progress_bar()
