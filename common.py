@@ -98,7 +98,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    enabled = property(lambda self: self.world_size > 1)
+    enabled: bool = False  # launched by torchrun (one process too): a process group, DDP
     is_main = property(lambda self: self.rank == 0)
 
 def tune_cpu_allocator() -> None:
@@ -112,14 +112,14 @@ def tune_cpu_allocator() -> None:
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU). On CPU, also
+    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU). On CPU, also
     tune_cpu_allocator()."""
     device = get_device(device_name)
     if device.type == "cpu":
         tune_cpu_allocator()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "WORLD_SIZE" not in os.environ:
         return Dist(), device
-    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), enabled=True)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)

@@ -36,44 +36,54 @@ import common  # noqa: E402
 import iit_distill as iit  # noqa: E402
 
 BATCH, SEQ = 8, 128
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
-def bert_base_config(num_labels: int | None = None):
+def bert_base_config(num_labels: int | None = None, **shape):
+    """bert-base's shape (or another: `shape` overrides BERT_BASE's fields)."""
     from transformers import BertConfig
 
-    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072)
+    config = BertConfig(**{**BERT_BASE, **shape})
     if num_labels:
         config.num_labels = num_labels
     return config
 
 
+def student_layers(teacher) -> list[int]:
+    """Half the teacher's blocks, evenly spaced: [0, 2, 4, 7, 9, 11] of 12."""
+    n = teacher.config.num_hidden_layers
+    return common.default_student_layers(n, n // 2)
+
+
 # ---- IIT vs standard distillation --------------------------------------------------------------
 
 
-def iit_setup(device):
+def iit_setup(device, batch: int = BATCH, seq: int = SEQ, **shape):
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(bert_base_config()).to(device).eval().requires_grad_(False)
-    student = common.init_student_from_teacher(teacher, [0, 2, 4, 7, 9, 11]).to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    teacher = BertForMaskedLM(bert_base_config(**shape)).to(device).eval().requires_grad_(False)
+    student = common.init_student_from_teacher(teacher, student_layers(teacher)).to(device).train()
+    for model in (teacher, student) if device.type == "cuda" else ():  # as iit_distill.student_and_groups
+        iit.pad_vocabulary(model)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102
-    src = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
-    attn = torch.ones(BATCH, SEQ, dtype=torch.long)
-    base_swap, source_swap = iit.interchange_masks(attn.sum(1), attn.sum(1), SEQ, 0.3, "consecutive", generator=g)
-    labels = torch.where(torch.rand(BATCH, SEQ, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    src = torch.randint(1000, 30000, (batch, seq), generator=g)
+    attn = torch.ones(batch, seq, dtype=torch.long)
+    base_swap, source_swap = iit.interchange_masks(attn.sum(1), attn.sum(1), seq, 0.3, "consecutive", generator=g)
+    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
     batch = {k: v.to(device) for k, v in dict(
         input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src, source_attention_mask=attn,
         base_swap=base_swap, source_swap=source_swap).items()}
-    groups = iit.alignments("full", 12, 6)
+    groups = iit.alignments("full", teacher.config.num_hidden_layers, len(student_layers(teacher)))
     return teacher, student, optimizer, batch, groups
 
 
-def iit_step_fn(method: str, device):
-    teacher, student, optimizer, batch, groups = iit_setup(device)
+def iit_step_fn(method: str, device, batch: int = BATCH, seq: int = SEQ, bf16: bool = False, **shape):
+    """One optimiser step of iit_distill.py (bf16: under autocast, as the script on CUDA)."""
+    teacher, student, optimizer, batch, groups = iit_setup(device, batch, seq, **shape)
     args = iit.Args(alpha_iit=0.0 if method == "standard" else 0.25)
     calls = [0]
 
@@ -82,7 +92,8 @@ def iit_step_fn(method: str, device):
         group = None if method == "standard" else groups[calls[0] % len(groups)]
         calls[0] += 1
         schedule = "plain" if method == "iit_naive" else "fast"
-        loss, _ = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
+        with common.autocast(device, bf16):
+            loss, _ = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -93,7 +104,7 @@ def iit_step_fn(method: str, device):
 # ---- AD-KD vs vanilla KD -----------------------------------------------------------------------
 
 
-def adkd_step_fn(method: str, device):
+def adkd_step_fn(method: str, device, batch: int = BATCH, seq: int = SEQ, bf16: bool = False, **shape):
     """kd: vanilla KD, teacher forward every step (as KD code ordinarily runs); kd_cached: the same with
     the teacher's logits cached (as adkd_distill.py caches them); adkd: the script's step after
     the first epoch (teacher maps and logits cached); adkd_naive: the teacher's attributions recomputed
@@ -102,19 +113,21 @@ def adkd_step_fn(method: str, device):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    teacher = BertForSequenceClassification(bert_base_config(num_labels=2)).to(device).eval().requires_grad_(False)
-    student = common.init_student_from_teacher(teacher, [0, 2, 4, 7, 9, 11]).to(device).train()
+    config = bert_base_config(num_labels=2, **shape)
+    teacher = BertForSequenceClassification(config).to(device).eval().requires_grad_(False)
+    student = common.init_student_from_teacher(teacher, student_layers(teacher)).to(device).train()
     uses_attr = method.startswith("adkd")
     if uses_attr:  # as adkd_distill.load_student: the double backward needs eager attention
         student.set_attn_implementation("eager")
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102
     batch = {k: v.to(device) for k, v in dict(
         input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
-        labels=torch.randint(2, (BATCH,), generator=g), index=torch.arange(BATCH)).items()}
-    cache = adkd.TeacherCache(teacher, num_labels=2, ig_steps=1, topk=768, need_maps=uses_attr, bf16=False)
+        labels=torch.randint(2, (batch,), generator=g), index=torch.arange(batch)).items()}
+    cache = adkd.TeacherCache(teacher, num_labels=2, ig_steps=1, topk=config.hidden_size, need_maps=uses_attr,
+                              bf16=bf16)
     if method in ("adkd", "kd_cached"):
         cache(batch)  # warm: what every step after the first epoch sees
 
@@ -123,7 +136,7 @@ def adkd_step_fn(method: str, device):
             cache.maps.clear(), cache.logits.clear()  # recompute the teacher's side this step
         teacher_maps, teacher_logits = cache(batch)
         loss, _ = adkd.adkd_loss(student, batch, teacher_maps, teacher_logits, alpha=0.8,
-                                 beta=1.0 if uses_attr else 0.0, temperature=2.0, ig_steps=1)
+                                 beta=1.0 if uses_attr else 0.0, temperature=2.0, ig_steps=1, bf16=bf16)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
