@@ -66,11 +66,10 @@ def get_device(name: str = "auto") -> torch.device:
 
 def bf16_flag():  # the scripts' --bf16 [true|false]; unset (None): see precision()
     return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": "bf16 autocast, fp32 weights "
-                             "and optimiser state (unset: on for a CUDA device with bf16, else off; --bf16 false: off)"})
+                             "and optimiser state (unset: on a CUDA device with bf16, else off; --bf16 false: off)"})
 
 def precision(device: torch.device, bf16: bool | None) -> tuple[bool, str]:
-    """Whether bf16 autocast runs (unset: on a CUDA device that supports it) and the first screen's line saying so.
-    Under bf16 on CUDA, the fp32 matmuls left outside autocast may use TF32; --bf16 false is plain fp32."""
+    """(bf16 autocast on? unset: on a CUDA device with bf16; the first screen's line); bf16 on CUDA also allows TF32."""
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() if bf16 is None else bf16
     torch.set_float32_matmul_precision("high" if bf16 and device.type == "cuda" else "highest")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -81,8 +80,7 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
-    """AdamW (fused on CUDA), no weight decay on biases and LayerNorm weights; linear warm-up over `warmup_ratio` of
-    the steps, then linear decay to 0. `adam`: betas, eps."""
+    """AdamW (fused on CUDA; no decay on biases, LayerNorm weights; `adam`: betas, eps), linear warm-up, decay to 0."""
     from transformers import get_linear_schedule_with_warmup
     named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
     groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
@@ -104,16 +102,14 @@ class Dist:
 def tune_cpu_allocator() -> None:
     """Keep freed memory in the process instead of handing it back to the kernel (glibc; elsewhere a no-op). glibc
     returns every block over 32 MB when it is freed, so each step's (rows x tokens x vocabulary) tensors would be
-    page-faulted and zeroed anew: a third of a CPU step. M_MMAP_MAX 0: big blocks come from the heap as small ones
-    do; M_TRIM_THRESHOLD -1: the heap is never shrunk (mallopt(3))."""
+    page-faulted and zeroed anew: a third of a CPU step."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
+        libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap as small ones do
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: the heap is never shrunk
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP: on when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU). On CPU, also
-    tune_cpu_allocator()."""
+    """nanoGPT-style DDP when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU); on CPU also tune_cpu_allocator()."""
     device = get_device(device_name)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -226,16 +222,14 @@ def embedding_module(model) -> torch.nn.Module:
     return embeddings
 
 def max_positions(model) -> float:
-    """The longest input: the position table's size (RoBERTa's counts from padding_idx + 1), else the config's,
-    else inf (no limit known)."""
+    """The longest input: the position table's size (RoBERTa's from padding_idx + 1), else the config's, else inf."""
     table = getattr(getattr(unwrap(model).base_model, "embeddings", None), "position_embeddings", None)
     if isinstance(table, torch.nn.Embedding):
         return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
     return getattr(model.config, "max_position_embeddings", math.inf)
 
 def encoder_skeleton(config):
-    """The bare encoder of `config` on the meta device (no memory, no weights), its layout checked: a model these
-    scripts cannot hook fails here, in one line, before anything is loaded or written."""
+    """The bare encoder of `config` on the meta device (no weights), layout checked: unhookable models fail early."""
     from transformers import AutoModel
     try:
         with torch.device("meta"):
@@ -246,8 +240,7 @@ def encoder_skeleton(config):
     return model
 
 def new_weights(model, loading_info: dict) -> list[str]:
-    """Weights outside the encoder that `from_pretrained` did not find (or found with another shape): a head that
-    the checkpoint lacks and that starts random."""
+    """Weights outside the encoder missing from the checkpoint (or of another shape): a head that starts random."""
     prefix = model.base_model_prefix + "."
     missing = [*loading_info["missing_keys"], *(key for key, *_ in loading_info.get("mismatched_keys", []))]
     return sorted(key for key in missing if not key.startswith(prefix))
@@ -270,9 +263,8 @@ def init_student_from_teacher(teacher, layers: list[int]):
     own field (DistilBERT: n_layers) and per-layer settings of the copied blocks (ModernBERT: layer_types); every
     other tensor (embeddings, head) is copied by name."""
     blocks = transformer_blocks(teacher)
-    n = len(blocks)
-    if not layers or any(not 0 <= layer < n for layer in layers):
-        raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{n - 1}")
+    if not layers or any(not 0 <= layer < len(blocks) for layer in layers):
+        raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{len(blocks) - 1}")
     settings = teacher.config.to_dict()
     settings[teacher.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
     if isinstance(settings.get("layer_types"), list):  # e.g. ModernBERT: each block's full or sliding attention
@@ -442,10 +434,9 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
     bad = [(lineno, len(row)) for lineno, row in numbered if len(row) != width]
     good = [(lineno, row) for lineno, row in numbered if len(row) == width]
     if not good:
-        detail = (f"line {bad[0][0]} has {bad[0][1]} tab-separated fields, expected {width}" if bad
-                  else "it has no data rows")
-        raise UserError(f"{path}: no usable {spec.name} rows ({detail}); expected the official GLUE {spec.folder} "
-                        f"layout")
+        why = (f"line {bad[0][0]} has {bad[0][1]} tab-separated fields, expected {width}" if bad
+               else "it has no data rows")
+        raise UserError(f"{path}: no usable {spec.name} rows ({why}); expected the official GLUE {spec.folder} layout")
     if bad:
         print(f"warning: {path}: skipped {len(bad)} malformed row(s) (first: line {bad[0][0]})")
     out = {key: [row[column] for _, row in good] for key, column in zip(spec.sentence_keys, columns)}
@@ -563,8 +554,7 @@ def classification_batch(rows: dict, pad_id: int, regression: bool, device) -> d
 
 def classifier_logits(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     with autocast(batch["input_ids"].device, bf16):
-        return model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-                     ).logits
+        return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}).logits
 
 @torch.no_grad()
 def classifier_scores(model, eval_sets: dict, spec: GlueTask, pad_id: int, batch_size: int, device, bf16=False) -> dict:
@@ -591,8 +581,7 @@ DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64
 
 def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
                         sizes: tuple[int, int], cache_dir: str | None = None) -> Path:
-    """Where a demo teacher fine-tuned with these settings on `sizes` (training, dev) examples is cached, whichever
-    script fitted it first."""
+    """Where a demo teacher fitted with these settings on `sizes` (training, dev) examples is cached (any script's)."""
     key = json.dumps([base, batch_size, learning_rate, epochs, max_length, list(sizes), "seed 42",
                       "polarity fold 0 (i % 5), cp1252"])
     return cache_root(cache_dir) / f"demo-polarity-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -678,8 +667,7 @@ def spearman(x, y) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 def glue_metrics(task: str, predictions, labels) -> dict:
-    """The `glue` metric's keys, in 0..1: cola -> matthews_correlation; stsb -> pearson, spearmanr; mrpc, qqp ->
-    accuracy, f1; others -> accuracy. Predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
+    """The `glue` metric's keys, in 0..1; predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
     spec = glue_task(task)
     p, y = _as_array(predictions), _as_array(labels)
     if p.ndim > 1:
@@ -706,7 +694,6 @@ def normalize_answer(text: str) -> str:
 def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
     """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
     answer (bag-of-tokens F1), questions are averaged; a question with no prediction scores 0."""
-
     def f1(prediction: str, gold: str) -> float:
         prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
         same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
@@ -714,7 +701,6 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]])
             return 0.0
         precision, recall = same / len(prediction_tokens), same / len(gold_tokens)
         return 2 * precision * recall / (precision + recall)
-
     em = f1_sum = 0.0
     for qid, golds in references.items():
         prediction = predictions.get(qid, "")

