@@ -17,7 +17,8 @@ On a GLUE task the same interchange trains a classifier student (z: class logits
     python iit_distill.py --task mlm                   # no CUDA device: offline CPU demo with a small real teacher
     python iit_distill.py --task mlm --preset paper    # bert-base-uncased -> 6 blocks on WikiText-103
     python iit_distill.py --task mlm --alpha_iit 0 --alpha_ce 0.33 --alpha_mlm 0.33 --alpha_cos 0.33  # baseline
-    python iit_distill.py --task sst2                  # a fine-tuned classifier (offline: the polarity demo)
+    python iit_distill.py --task sst2                  # offline demo: teacher blocks 0,3,5, spans, one fixed pairing
+    python iit_distill.py --task rte --preset paper --teacher T  # authors': bert-base blocks 0-5, random, in-batch
 """
 
 import bz2
@@ -124,7 +125,7 @@ PRESETS = {
                  gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
                  max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo", mlm_smoothing=0.0),
 }
-GLUE_PRESETS = {  # paper: the authors' task-level DIITO command and code; the demo's match adkd_distill.py's demo
+GLUE_PRESETS = {  # paper: the authors' task-level command and code (pretrained student); demo: teacher blocks, ours
     "paper": dict(student_from="google-bert/bert-base-uncased", student_layers="0,1,2,3,4,5", interchange_mode="random",
                   source_pairing="batch", kl_reduction="mean", weight_decay=0.01, adam_beta2=0.999, warmup_ratio=0.1,
                   max_grad_norm=1.0, max_seq_length=128, per_device_train_batch_size=32, gradient_accumulation_steps=1,
