@@ -296,7 +296,9 @@ def task_analysis(out: Path, args) -> dict:
         dev = common.tokenize_glue(common.demo_polarity(fold), tokenizer, spec, common.DEMO_TEACHER["max_length"],
                                    True)["validation"]
         batch = common.classification_batch(dev[:], tokenizer.pad_token_id, False, "cpu")
-        pairs = iit.held_out_pairs(iit.Args(task="sst2", preset="demo"), dev, tokenizer, "cpu")
+        settings = iit.Args(task="sst2", preset="demo")
+        iit.resolve_args(settings)
+        pairs = iit.held_out_pairs(settings, {"validation": dev}, tokenizer, "cpu")
         teacher, groups = load(teacher_dir), iit.alignments("full", 6, 3)
         with torch.no_grad():
             found[fold] = {"labels": batch["labels"].tolist(),

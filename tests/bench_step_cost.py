@@ -85,16 +85,17 @@ def iit_setup(device, batch: int = BATCH, seq: int = SEQ, **shape):
 def iit_step_fn(method: str, device, batch: int = BATCH, seq: int = SEQ, bf16: bool = False, **shape):
     """One optimiser step of iit_distill.py (bf16: under autocast, as the script on CUDA)."""
     teacher, student, optimizer, batch, groups = iit_setup(device, batch, seq, **shape)
-    args = iit.Args(alpha_iit=0.0 if method == "standard" else 0.25)
+    alpha_iit = 0.0 if method == "standard" else 0.25
     calls = [0]
 
     def step():
         # FULL alignment samples one group per step; cycle through them so each median sees all layers.
         group = None if method == "standard" else groups[calls[0] % len(groups)]
         calls[0] += 1
-        schedule = "plain" if method == "iit_naive" else "fast"
+        runs = iit.base_source_counterfactual if method == "iit_naive" else iit.base_and_counterfactual
+        kl = iit.fused_soft_target_kl() if device.type == "cuda" else iit.soft_target_kl  # as main chooses
         with common.autocast(device, bf16):
-            loss, _ = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
+            loss, _ = iit.distillation_loss(student, teacher, batch, group, alpha_iit=alpha_iit, runs=runs, kl=kl)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -108,7 +108,8 @@ def padded_iit_batch(vocab: int, batch: int, seq: int, device, seed: int = 0) ->
 def loss_and_grads(student, teacher, batch, group, schedule: str, bf16: bool, device):
     student.zero_grad(set_to_none=True)
     with common.autocast(device, bf16):
-        loss, terms = iit.distillation_loss(student, teacher, batch, iit.Args(alpha_iit_cos=0.25), group, schedule)
+        runs = iit.base_and_counterfactual if schedule == "fast" else iit.base_source_counterfactual
+        loss, terms = iit.distillation_loss(student, teacher, batch, group, alpha_iit_cos=0.25, runs=runs)
     loss.backward()
     grads = torch.cat([p.grad.flatten().float() for p in student.parameters() if p.grad is not None])
     return torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float(), grads

@@ -125,15 +125,14 @@ def test_one_forward_schedule_equals_the_three_forwards(teachers, family):
     labels = torch.where((torch.rand(ids.shape) < 0.3) & attn.bool(), ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src,
                  source_attention_mask=src_attn, base_swap=base_swap, source_swap=src_swap)
-    args = iit.Args(alpha_iit_cos=0.5)
     groups = iit.alignments("full", 4, 3) + iit.alignments("3:1;1:2", 4, 3)
     for side, model in enumerate((teacher, student_a)):
         assert iit.one_forward_is_exact(model, [g[side] for g in groups], batch), family
     for group in groups:
         results = []
-        for student, schedule in ((student_a, "fast"), (student_b, "plain")):
+        for student, runs in ((student_a, iit.base_and_counterfactual), (student_b, iit.base_source_counterfactual)):
             student.zero_grad()
-            loss, terms = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
+            loss, terms = iit.distillation_loss(student, teacher, batch, group, alpha_iit_cos=0.5, runs=runs)
             loss.backward()
             results.append(terms)
         assert results[0]["iit"] > 0

@@ -6,7 +6,6 @@ import os
 import random
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,14 +76,14 @@ def test_interchange_equals_manual_block_splice():
     def blocks_until(x, upto):
         h = model.bert.embeddings(input_ids=x)
         for block in model.bert.encoder.layer[:upto + 1]:
-            h = iit._hidden(block(h, None))
+            h = iit.hidden_state(block(h, None))
         return h
 
     src_state = blocks_until(src, layer)
     h = blocks_until(ids, layer).clone()
     h[base_mask] = src_state[src_mask]  # the k-th source position feeds the k-th base position
     for block in model.bert.encoder.layer[layer + 1:]:
-        h = iit._hidden(block(h, None))
+        h = iit.hidden_state(block(h, None))
     manual = model.cls(h)
     acts = iit.get_activations(model, src, attn, [layer])
     out = iit.forward_with_interchange(model, ids, attn, {layer: (base_mask, acts[layer][src_mask])})
@@ -130,12 +129,11 @@ def test_fast_schedule_equals_plain_schedule(alignment):
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src,
                  source_attention_mask=src_attn, base_swap=base_swap, source_swap=src_swap)
-    args = iit.Args(alpha_iit_cos=0.5)
     for group in iit.alignments(alignment, 4, 2):
         losses = []
-        for student, schedule in ((student_a, "fast"), (student_b, "plain")):
+        for student, runs in ((student_a, iit.base_and_counterfactual), (student_b, iit.base_source_counterfactual)):
             student.zero_grad()
-            loss, terms = iit.distillation_loss(student, teacher, batch, args, group, schedule=schedule)
+            loss, terms = iit.distillation_loss(student, teacher, batch, group, alpha_iit_cos=0.5, runs=runs)
             loss.backward()
             losses.append((loss, terms))
         (loss_a, terms_a), (loss_b, terms_b) = losses
@@ -261,13 +259,15 @@ def test_standard_distillation_has_no_iit_terms():
     student = common.init_student_from_teacher(teacher, [0, 3])
     ids, attn, _, _ = batch_with_padding()
     batch = dict(input_ids=ids, attention_mask=attn, labels=torch.where(attn.bool(), ids, -100))
-    loss, terms = iit.distillation_loss(student, teacher, batch, iit.Args(), None)
+    loss, terms = iit.distillation_loss(student, teacher, batch, None)
     assert set(terms) == {"ce", "mlm", "cos"}
     assert torch.allclose(loss, 0.25 * (terms["ce"] + terms["mlm"] + terms["cos"]))
-    # the weights may be any object with the attributes, not only the script's Args
-    weights = SimpleNamespace(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
-                              alpha_iit_cos=0.0)
-    assert torch.equal(iit.distillation_loss(student, teacher, batch, weights, None)[0], loss)
+    # the defaults are the paper's weights, and the script's settings resolve to the same ones
+    weights = dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25, alpha_iit_cos=0.0)
+    assert torch.equal(iit.distillation_loss(student, teacher, batch, None, **weights)[0], loss)
+    settings = iit.Args(task="mlm", preset="demo")
+    iit.resolve_args(settings)
+    assert iit.loss_weights(settings) == weights
 
 
 # ---- layer maps --------------------------------------------------------------------------------------

@@ -56,9 +56,10 @@ def task_batch(tok, spec_name="sst2", swap_own=False, seed=0):
         [int(x) for x in rng.integers(spec.num_labels, size=6)]
     data = common.tokenize_glue(datasets.DatasetDict(train=datasets.Dataset.from_dict(rows)), tok, spec, 32, True)
     source_of = np.arange(6) if swap_own else np.array([3, 4, 5, 0, 1, 2])
-    args = iit.Args(task=spec_name, interchange_prop=0.5)
-    batch = iit.make_task_batch(data["train"], source_of, [0, 1, 2, 3], tok.pad_token_id, spec, args, "cpu", True,
-                                torch.Generator().manual_seed(seed))
+    args = iit.Args(task=spec_name, interchange_prop=0.5, preset="demo")
+    iit.resolve_args(args)
+    batch = iit.make_task_batch(data["train"], [0, 1, 2, 3], source_of, tok, args, True,
+                                generator=torch.Generator().manual_seed(seed))
     if swap_own:  # the same positions in base and source: the intervention writes each state back in place
         batch["source_swap"] = batch["base_swap"].clone()
     return batch
@@ -69,11 +70,12 @@ def test_task_loss_against_a_hand_computation(teacher_dirs):
     tok = AutoTokenizer.from_pretrained(str(teacher_dirs[3]))
     student = common.init_student_from_teacher(teacher, [0, 3]).eval()
     batch = task_batch(tok, "mnli")
-    defaults = iit.Args(task="mnli")  # the task path's: a_ce 0.7, a_task 0.3, a_iit 1, T 20
+    defaults = iit.Args(task="mnli", preset="demo")  # the task path's: a_ce 0.7, a_task 0.3, a_iit 1, T 20
+    iit.resolve_args(defaults)
     assert (defaults.alpha_ce, defaults.alpha_task, defaults.alpha_iit, defaults.temperature) == (0.7, 0.3, 1.0, 20.0)
-    weights = iit.Args(task="mnli", temperature=2.0, alpha_ce=0.6, alpha_task=0.4, alpha_iit=0.5)
+    weights = dict(temperature=2.0, alpha_ce=0.6, alpha_task=0.4, alpha_iit=0.5)
     group = ((1, 2), (1,))
-    loss, terms = iit.task_distillation_loss(student, teacher, batch, weights, group, schedule="plain")
+    loss, terms = iit.task_distillation_loss(student, teacher, batch, group, **weights)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     z_t, z_s = teacher(**inputs).logits.double(), student(**inputs).logits.double()
     T = 2.0
@@ -89,7 +91,7 @@ def test_task_loss_against_a_hand_computation(teacher_dirs):
     teacher1 = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[1])).eval()
     student1 = common.init_student_from_teacher(teacher1, [0, 3]).eval()
     batch1 = task_batch(tok, "stsb")
-    _, terms1 = iit.task_distillation_loss(student1, teacher1, batch1, iit.Args(task="stsb"), None)
+    _, terms1 = iit.task_distillation_loss(student1, teacher1, batch1, None)
     inputs1 = {k: batch1[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     y_t, y_s = teacher1(**inputs1).logits[:, 0], student1(**inputs1).logits[:, 0]
     torch.testing.assert_close(terms1["ce"], ((y_s - y_t) ** 2).mean(), rtol=1e-5, atol=1e-7)
@@ -98,6 +100,7 @@ def test_task_loss_against_a_hand_computation(teacher_dirs):
 
 @pytest.mark.parametrize("schedule", ["fast", "plain"])
 def test_swapping_in_the_bases_own_states_makes_iit_equal_kd(teacher_dirs, schedule):
+    runs = {"fast": iit.base_and_counterfactual, "plain": iit.base_source_counterfactual}[schedule]
     """The source is the base and the swap writes each state back where it came from: the intervention is the
     identity, so the counterfactual KL equals the plain KD term."""
     teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[2])).eval()
@@ -106,10 +109,10 @@ def test_swapping_in_the_bases_own_states_makes_iit_equal_kd(teacher_dirs, sched
     batch = task_batch(tok, "sst2", swap_own=True)
     assert batch["base_swap"].any() and not batch["attention_mask"].all()
     for group in iit.alignments("full", 4, 2):
-        _, terms = iit.task_distillation_loss(student, teacher, batch, iit.Args(task="sst2"), group, schedule)
+        _, terms = iit.task_distillation_loss(student, teacher, batch, group, runs=runs)
         torch.testing.assert_close(terms["iit"], terms["ce"], rtol=1e-5, atol=1e-6)
     other = task_batch(tok, "sst2")  # real sources: the intervention changes the outputs
-    _, terms = iit.task_distillation_loss(student, teacher, other, iit.Args(task="sst2"), ((2, 3), (1,)), schedule)
+    _, terms = iit.task_distillation_loss(student, teacher, other, ((2, 3), (1,)), runs=runs)
     assert not torch.isclose(terms["iit"], terms["ce"], rtol=1e-3)
 
 
@@ -120,8 +123,8 @@ def test_agreement_is_one_for_the_teacher_itself_and_an_identical_student(teache
     same_blocks = [((0,), (0,)), ((1, 2), (1, 2)), ((3,), (3,))]
     copy = common.init_student_from_teacher(teacher, [0, 1, 2, 3])
     for student in (teacher, copy):
-        for schedule in ("fast", "plain"):
-            assert iit.interchange_agreement(teacher, student, batches, same_blocks, schedule) == \
+        for runs in (iit.base_and_counterfactual, iit.base_source_counterfactual):
+            assert iit.interchange_agreement(teacher, student, batches, same_blocks, runs) == \
                 {"counterfactual": 1.0, "plain": 1.0}
     other, _ = classifier(tokenizer_dir, 3, seed=7)  # another model disagrees somewhere
     found = iit.interchange_agreement(teacher, other, batches, same_blocks)
@@ -210,8 +213,10 @@ def test_a_source_longer_than_every_base_row_is_not_cut(teacher_dirs):
             "label": [1, 0, 1]}
     data = common.tokenize_glue(datasets.DatasetDict(train=datasets.Dataset.from_dict(rows)), tok, spec, 32, True)
     train = data["train"]
-    batch = iit.make_task_batch(train, {0: 2, 1: 2}, [0, 1], tok.pad_token_id, spec, iit.Args(task="sst2"), "cpu",
-                                True, torch.Generator().manual_seed(0))
+    settings = iit.Args(task="sst2", preset="demo")
+    iit.resolve_args(settings)
+    batch = iit.make_task_batch(train, [0, 1], {0: 2, 1: 2}, tok, settings, True,
+                                generator=torch.Generator().manual_seed(0))
     source = train[2]["input_ids"]
     assert len(source) > max(len(train[i]["input_ids"]) for i in (0, 1))
     for row in range(2):  # the whole source, its last word and [SEP] included, reaches the source run
@@ -234,7 +239,7 @@ def test_student_from_copies_a_pretrained_models_blocks_and_a_new_classifier(tea
     teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dirs[3]))
     args = iit.Args(task="mnli", student_from=str(tiny_mlm_dir), student_layers="1,3", seed=5)
     student, groups = iit.student_and_groups(args, teacher, AutoModelForSequenceClassification, "cpu",
-                                             lambda *a: None, num_labels=3)
+                                             common.Dist(), num_labels=3)
     pretrained = BertForMaskedLM.from_pretrained(str(tiny_mlm_dir)).state_dict()
     weights = student.state_dict()
     for key, value in weights.items():
@@ -245,13 +250,13 @@ def test_student_from_copies_a_pretrained_models_blocks_and_a_new_classifier(tea
             assert torch.equal(value, pretrained[key.replace(f"layer.{i}.", f"layer.{[1, 3][i]}.", 1)]), key
     assert student.config.num_labels == 3 and groups == iit.alignments("full", 4, 2)
     assert not torch.equal(weights["classifier.weight"], teacher.state_dict()["classifier.weight"])  # new
-    again, _ = iit.student_and_groups(args, teacher, AutoModelForSequenceClassification, "cpu", lambda *a: None,
+    again, _ = iit.student_and_groups(args, teacher, AutoModelForSequenceClassification, "cpu", common.Dist(),
                                       num_labels=3)  # the new classifier is drawn from --seed
     assert torch.equal(again.state_dict()["classifier.weight"], weights["classifier.weight"])
     # mlm: the MLM head comes from the pretrained model too
     mlm_teacher = BertForMaskedLM.from_pretrained(str(teacher_dirs[3]), ignore_mismatched_sizes=True)
     mlm_student, _ = iit.student_and_groups(iit.Args(task="mlm", student_from=str(tiny_mlm_dir), student_layers="0"),
-                                            mlm_teacher, BertForMaskedLM, "cpu", lambda *a: None)
+                                            mlm_teacher, BertForMaskedLM, "cpu", common.Dist())
     head = {k: v for k, v in mlm_student.state_dict().items() if k.startswith("cls.")}
     assert head and all(torch.equal(v, pretrained[k]) for k, v in head.items())
     _, tok = classifier(tokenizer_dir, 3)  # another width: refused in one line
@@ -261,7 +266,7 @@ def test_student_from_copies_a_pretrained_models_blocks_and_a_new_classifier(tea
     wide.save_pretrained(str(tmp_path / "wide"))
     with pytest.raises(common.UserError, match="of width 48") as info:
         iit.student_and_groups(iit.Args(task="mnli", student_from=str(tmp_path / "wide"), student_layers="0"),
-                               teacher, AutoModelForSequenceClassification, "cpu", lambda *a: None, num_labels=3)
+                               teacher, AutoModelForSequenceClassification, "cpu", common.Dist(), num_labels=3)
     assert "\n" not in str(info.value)
 
 
@@ -310,7 +315,7 @@ def test_the_paper_preset_is_the_authors_setting_with_their_kl_normalisation(tea
     with torch.no_grad():
         student.classifier.weight.add_(0.5 * torch.randn_like(student.classifier.weight))
     batch, group = task_batch(AutoTokenizer.from_pretrained(str(teacher_dirs[3])), "mnli"), ((1, 2), (1,))
-    loss, terms = iit.task_distillation_loss(student, teacher, batch, args, group, schedule="plain")
+    loss, terms = iit.task_distillation_loss(student, teacher, batch, group, **iit.loss_weights(args))
     with torch.no_grad():
         z_t = iit.base_source_counterfactual(teacher, batch, group[0])[0].double()
         z_s = iit.base_source_counterfactual(student, batch, group[1])[0].double()
@@ -321,6 +326,7 @@ def test_the_paper_preset_is_the_authors_setting_with_their_kl_normalisation(tea
     torch.testing.assert_close(terms["ce"].double(), kd, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(terms["iit"].double(), causal, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(loss.double(), 0.7 * kd + 0.3 * ce + 1.0 * causal, rtol=1e-4, atol=1e-7)
-    batchmean = iit.Args(task="mnli")  # ours: the same KL summed over the 3 classes, so 3 times larger
-    _, ours = iit.task_distillation_loss(student, teacher, batch, batchmean, group, schedule="plain")
+    # ours: the same KL summed over the 3 classes, so 3 times larger
+    _, ours = iit.task_distillation_loss(student, teacher, batch, group, **{**iit.loss_weights(args),
+                                                                            "kl_reduction": "batchmean"})
     torch.testing.assert_close(ours["ce"], 3 * terms["ce"], rtol=1e-5, atol=1e-7)
