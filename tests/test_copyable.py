@@ -1,10 +1,13 @@
 """The functions the README calls copyable really are: each one's source, executed in a fresh namespace that
 holds only `torch`, `F` and `math` (what a reader's own file has) and common.py's two structure helpers
-`transformer_blocks` and `embedding_module` (copied with them), gives the module's own result."""
+`transformer_blocks` and `embedding_module` (copied with them), gives the module's own result. And each script's
+whole method section, pasted alone (with numpy and contextlib, which a reader's file has too), runs the losses."""
 
+import contextlib
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +106,69 @@ def test_adkd_function_runs_from_its_source_alone(name, classifier):
     call = adkd_cases(*classifier)[name]
     function = getattr(adkd, name)
     assert same(call(copied(function)), call(function)), name
+
+
+# ---- the method sections, pasted whole: the losses readers copy --------------------------------------------------
+
+def method_section(module) -> dict:
+    """The functions between a script's "1. THE METHOD" banner and the next banner, executed in a namespace that holds
+    only torch, F, math, numpy, contextlib and common.py's two structure helpers."""
+    source = inspect.getsource(module)
+    start = source.index("# ==== 1. THE METHOD")
+    section = source[start:source.index("# ==== 2.", start)]
+    namespace = {"torch": torch, "F": F, "math": math, "np": np, "contextlib": contextlib,
+                 "transformer_blocks": common.transformer_blocks, "embedding_module": common.embedding_module}
+    exec(compile(section, f"<method section of {module.__name__}>", "exec"), namespace)
+    return namespace
+
+
+def test_the_iit_objectives_run_from_the_method_section_alone(mlm, classifier):
+    copy = method_section(iit)
+    model, ids, attn = mlm
+    student = common.init_student_from_teacher(model, [0, 1, 2, 3]).eval()  # the teacher itself, block for block
+    g = torch.Generator().manual_seed(11)
+    source_ids = torch.randint(5, 120, ids.shape, generator=g)
+    base_mask, source_mask = iit.interchange_masks(attn.sum(1), attn.sum(1), ids.shape[1], 0.4, generator=g)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
+    labels[0, 1] = ids[0, 1]
+    batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=source_ids,
+                 source_attention_mask=attn, base_swap=base_mask, source_swap=source_mask)
+    group = ((1, 2), (1, 2))
+    with torch.no_grad():
+        loss, terms = copy["distillation_loss"](student, model, batch, group, alpha_iit_cos=0.5)
+        same_loss, same_terms = iit.distillation_loss(student, model, batch, group, alpha_iit_cos=0.5)
+    assert same((loss, terms), (same_loss, same_terms))
+    # the student is the teacher: every soft-target, cosine and counterfactual term is 0, L_mlm the MLM loss
+    for name in ("ce", "cos", "iit", "iit_cos"):
+        assert abs(float(terms[name])) < 1e-5, name
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    assert torch.allclose(terms["mlm"], F.cross_entropy(logits.flatten(0, 1), labels.flatten()), atol=1e-5)
+    # the task objective on a classifier: the same, with the gold labels' cross-entropy
+    model, ids, attn = classifier
+    student = common.init_student_from_teacher(model, [0, 1]).eval()
+    targets = torch.tensor([0, 2, 1])
+    masks = iit.interchange_masks(attn.sum(1), attn.flip(0).sum(1), ids.shape[1], 0.5, generator=g)
+    batch = dict(input_ids=ids, attention_mask=attn, labels=targets, source_input_ids=ids.flip(0),
+                 source_attention_mask=attn.flip(0), base_swap=masks[0], source_swap=masks[1])
+    with torch.no_grad():
+        loss, terms = copy["task_distillation_loss"](student, model, batch, ((0,), (0,)))
+        assert same((loss, terms), iit.task_distillation_loss(student, model, batch, ((0,), (0,))))
+    assert abs(float(terms["ce"])) < 1e-5 and abs(float(terms["iit"])) < 1e-5
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    assert torch.allclose(terms["task"], F.cross_entropy(logits, targets), atol=1e-5)
+
+
+def test_the_adkd_loss_runs_from_the_method_section_alone(classifier):
+    copy = method_section(adkd)
+    model, ids, attn = classifier
+    batch = dict(input_ids=ids, attention_mask=attn, labels=torch.tensor([0, 2, 1]))
+    maps, logits = copy["teacher_token_maps"](model, batch, 3)
+    assert same((maps, logits), adkd.teacher_token_maps(model, batch, 3))
+    loss, terms = copy["adkd_loss"](model, batch, maps.transpose(0, 1), logits, alpha=0.5, beta=10.0,
+                                    temperature=2.0)
+    assert same(terms, adkd.adkd_loss(model, batch, maps.transpose(0, 1), logits, alpha=0.5, beta=10.0,
+                                      temperature=2.0)[1])
+    # the student is the teacher (dropout off): its maps equal the teacher's, L_attr is 0
+    assert terms["attr"] < 1e-10
+    expected = 0.5 * F.cross_entropy(logits, batch["labels"]) + 0.5 * adkd.kd_loss(logits, logits, 2.0)
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
