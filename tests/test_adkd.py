@@ -239,7 +239,7 @@ def test_teacher_cache_matches_direct_computation(tokenizer_dir):
     for c in range(3):
         direct = adkd.token_attribution(
             ig(teacher, ids, mask, types, torch.full((3,), c), steps=2), mask, topk=20)
-        torch.testing.assert_close(maps[:, c], direct, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(maps[c], direct, rtol=1e-4, atol=1e-6)
     # a later batch with other padding reuses the entries: no teacher call
     calls = []
     handle = teacher.register_forward_hook(lambda *a: calls.append(1))
@@ -249,7 +249,7 @@ def test_teacher_cache_matches_direct_computation(tokenizer_dir):
     maps2, logits2 = cache(reordered)
     handle.remove()
     assert not calls
-    torch.testing.assert_close(maps2[1], maps[0, :, :maps2.shape[-1]])
+    torch.testing.assert_close(maps2[:, 1], maps[:, 0, :maps2.shape[-1]])
     torch.testing.assert_close(logits2, logits[[2, 0]])
 
 
@@ -277,7 +277,7 @@ def test_adkd_loss_terms(tokenizer_dir):
     other, _ = tiny_classifier(tokenizer_dir, 3, layers=2, seed=5)
     t_maps, t_logits = adkd.TeacherCache(other.requires_grad_(False), 3, 1, None, True, False)(batch)
     loss, terms = adkd.adkd_loss(student, batch, t_maps, t_logits, alpha=0.5, beta=10.0, temperature=2.0)
-    expected = sum(adkd.attribution_loss(t_maps[:, c], maps[:, c]) for c in range(3))
+    expected = sum(adkd.attribution_loss(t_maps[c], maps[c]) for c in range(3))
     assert terms["attr"].item() > 1e-7  # random tiny models have similar maps: compare relatively
     torch.testing.assert_close(terms["attr"], expected, rtol=1e-4, atol=0.0)
     loss.backward()

@@ -132,7 +132,8 @@ def test_the_iit_objectives_run_from_the_method_section_alone(mlm, classifier):
     labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
     labels[0, 1] = ids[0, 1]
     batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=source_ids,
-                 source_attention_mask=attn, base_swap=base_mask, source_swap=source_mask)
+                 source_attention_mask=attn, base_swap=iit.positions_of(base_mask),
+                 source_swap=iit.positions_of(source_mask))
     group = ((1, 2), (1, 2))
     with torch.no_grad():
         loss, terms = copy["distillation_loss"](student, model, batch, group, alpha_iit_cos=0.5)
@@ -149,7 +150,8 @@ def test_the_iit_objectives_run_from_the_method_section_alone(mlm, classifier):
     targets = torch.tensor([0, 2, 1])
     masks = iit.interchange_masks(attn.sum(1), attn.flip(0).sum(1), ids.shape[1], 0.5, generator=g)
     batch = dict(input_ids=ids, attention_mask=attn, labels=targets, source_input_ids=ids.flip(0),
-                 source_attention_mask=attn.flip(0), base_swap=masks[0], source_swap=masks[1])
+                 source_attention_mask=attn.flip(0), base_swap=iit.positions_of(masks[0]),
+                 source_swap=iit.positions_of(masks[1]))
     with torch.no_grad():
         loss, terms = copy["task_distillation_loss"](student, model, batch, ((0,), (0,)))
         assert same((loss, terms), iit.task_distillation_loss(student, model, batch, ((0,), (0,))))
@@ -164,10 +166,8 @@ def test_the_adkd_loss_runs_from_the_method_section_alone(classifier):
     batch = dict(input_ids=ids, attention_mask=attn, labels=torch.tensor([0, 2, 1]))
     maps, logits = copy["teacher_token_maps"](model, batch, 3)
     assert same((maps, logits), adkd.teacher_token_maps(model, batch, 3))
-    loss, terms = copy["adkd_loss"](model, batch, maps.transpose(0, 1), logits, alpha=0.5, beta=10.0,
-                                    temperature=2.0)
-    assert same(terms, adkd.adkd_loss(model, batch, maps.transpose(0, 1), logits, alpha=0.5, beta=10.0,
-                                      temperature=2.0)[1])
+    loss, terms = copy["adkd_loss"](model, batch, maps, logits, alpha=0.5, beta=10.0, temperature=2.0)
+    assert same(terms, adkd.adkd_loss(model, batch, maps, logits, alpha=0.5, beta=10.0, temperature=2.0)[1])
     # the student is the teacher (dropout off): its maps equal the teacher's, L_attr is 0
     assert terms["attr"] < 1e-10
     expected = 0.5 * F.cross_entropy(logits, batch["labels"]) + 0.5 * adkd.kd_loss(logits, logits, 2.0)

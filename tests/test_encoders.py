@@ -124,7 +124,8 @@ def test_one_forward_schedule_equals_the_three_forwards(teachers, family):
                                                 generator=torch.Generator().manual_seed(1))
     labels = torch.where((torch.rand(ids.shape) < 0.3) & attn.bool(), ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src,
-                 source_attention_mask=src_attn, base_swap=base_swap, source_swap=src_swap)
+                 source_attention_mask=src_attn, base_swap=iit.positions_of(base_swap),
+                 source_swap=iit.positions_of(src_swap))
     groups = iit.alignments("full", 4, 3) + iit.alignments("3:1;1:2", 4, 3)
     for side, model in enumerate((teacher, student_a)):
         assert iit.one_forward_is_exact(model, [g[side] for g in groups], batch), family

@@ -18,7 +18,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["device"]["type"] == "cpu" and report["matmul_tflops"] > 0
-    for section in ("exactness", "entry_points", "ddp", "bench", "tokenization"):
+    for section in ("exactness", "entry_points", "ddp", "bench", "loop", "tokenization"):
         assert report[section]["ok"] is True, (section, report[section])
     exact = report["exactness"]
     assert exact["fp32_terms"] <= 1e-4 and exact["fp32_grads"] <= 1e-4 and exact["probe_accepts_one_forward"]
@@ -32,4 +32,11 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     ratios = report["bench"]["ratios"]
     assert 1.9 < ratios["iit_over_standard"]["work"] < 2.1  # the objective's own floor: twice the rows
     assert report["ddp"]["backend"] == "gloo" and report["tokenization"]["tokens"] > 1e5
+    for step in ("standard", "iit"):  # padded, WikiText-like batches: real tokens per second, MFU on real tokens
+        figures = report["bench"]["padded"][step]
+        assert figures["real_tokens_per_s"] > 0 and 0 < figures["mfu"] <= figures["mfu_with_padding"]
+    assert report["bench"]["compiled_kl_ran"] is None  # CPU: no compiled KL in the profile to look for
+    loop = report["loop"]  # main's own loop: real tokens per second from its step lines
+    assert loop["real_tokens_per_s"] > 0 and loop["device_idle_share"] is None and loop["step_lines"] == 3
+    assert "vs_step_benchmark" in loop
     assert "| step | ms |" in result.stdout  # the one table

@@ -105,7 +105,8 @@ def test_hooks_are_removed_even_after_an_error():
     with pytest.raises(RuntimeError):  # wrong number of values
         iit.forward_with_interchange(model, ids, attn, {1: (mask, torch.zeros(3, 32))})
     iit.base_and_counterfactual(model, dict(input_ids=ids, attention_mask=attn, source_input_ids=ids,
-                                            source_attention_mask=attn, base_swap=mask, source_swap=mask), [1, 2])
+                                            source_attention_mask=attn, base_swap=iit.positions_of(mask),
+                                            source_swap=iit.positions_of(mask)), [1, 2])
     assert hooks() == before
 
 
@@ -128,7 +129,8 @@ def test_fast_schedule_equals_plain_schedule(alignment):
     base_swap, src_swap = iit.interchange_masks(attn.sum(1), src_attn.sum(1), ids.shape[1], 0.4)
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
     batch = dict(input_ids=ids, attention_mask=attn, labels=labels, source_input_ids=src,
-                 source_attention_mask=src_attn, base_swap=base_swap, source_swap=src_swap)
+                 source_attention_mask=src_attn, base_swap=iit.positions_of(base_swap),
+                 source_swap=iit.positions_of(src_swap))
     for group in iit.alignments(alignment, 4, 2):
         losses = []
         for student, runs in ((student_a, iit.base_and_counterfactual), (student_b, iit.base_source_counterfactual)):
