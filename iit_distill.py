@@ -126,12 +126,12 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     """A (B, T) bool mask as (2, N): its True entries' rows and columns, row-major; found on the
-    host with the batch: on a GPU, bool-mask indexing waits for the device."""
+    host with the batch (on a GPU, bool-mask indexing waits for the device)."""
     return mask.nonzero().T
 
 
 def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> list:
-    """Which blocks are swapped: groups (teacher blocks, student blocks), one drawn per micro-batch.
+    """The swapped blocks: groups (teacher blocks, student blocks), one drawn per micro-batch.
     Official, 12 -> 6: full {T0,T1->S0}, ..., {T10,T11->S5}; middle {T6->S3}; late {T9->S3},
     {T10->S4}; else a map like '0,1:0;2,3:1'."""
     nt = num_teacher_layers
@@ -185,8 +185,8 @@ def masked_mean(values, positions) -> torch.Tensor:
 
 
 def mlm_loss(student_logits, labels, positions=None) -> torch.Tensor:
-    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input); labelled positions only (the
-    logits may have more rows than the labels); positions: (2, N), make_batch's, else found here."""
+    """1/|masked| * sum_{p masked} -log p_s(x_p | masked input), at the labels' positions (the
+    logits may have more rows); positions: (2, N), make_batch's, else found here."""
     if positions is None:
         positions = (labels != -100).nonzero().T
     rows, cols = positions
@@ -482,7 +482,7 @@ def make_batch(train_ids, indices: list[int], sources, tokenizer, args, with_iit
 def make_task_batch(data, indices: list[int], sources, tokenizer, args, with_iit: bool,
                     masking=None, generator: torch.Generator | None = None) -> dict:
     """GLUE: base examples and, for IIT, their sources (sources[i]) padded to the longer (none
-    cut); the swapped positions. `masking`: unused (both batch builders take the same arguments)."""
+    cut); the swapped positions. `masking`: unused (both builders take the same arguments)."""
     spec = common.GLUE_TASKS[args.task]
     pad_id = tokenizer.pad_token_id
     batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
@@ -524,9 +524,9 @@ def held_out_pairs(args, eval_set, tokenizer, device, seed: int = 1234) -> list[
 
 def micro_batches(lengths: np.ndarray, args, dist, epoch: int, position: int):
     """This rank's micro-batches from (epoch, position) on: (epoch, next position, indices). Each
-    epoch (seeded by it: a resumed run sees the same) is shuffled, sorted by length in windows of
-    50 batches a rank (official group_by_size), dealt in shuffled runs of world_size like-length
-    batches, one a rank (a step waits for the slowest); a last partial optimiser step is dropped."""
+    epoch (seeded by it, so a resume sees the same) is shuffled, sorted by length in windows of 50
+    batches a rank (official group_by_size), dealt in shuffled runs of world_size like-length
+    batches, one a rank (a step waits for the slowest); a partial last step is dropped."""
     size = args.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps
     ranks = dist.world_size
@@ -950,7 +950,7 @@ def main(args: Args) -> dict:
               f"every setting in {Path(args.output_dir) / 'args.json'}")
     teacher_predictions = []
     teacher_score = float("nan")
-    if dist.is_main:  # the figures every student is judged against
+    if dist.is_main:  # the figures each student is judged against
         teacher_predictions = predictions(teacher, pairs, [t for t, _ in groups], runs)
         teacher_score = evaluate(teacher, eval_set, tokenizer, args, device)
     if dist.is_main and checkpoint is None:  # before training
@@ -962,7 +962,7 @@ def main(args: Args) -> dict:
         common.set_seed(args.seed + dist.rank, args.deterministic)
     elif dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' draws apart
         common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)  # a prime
-    # SPEED-UPS (appendix A): speed_up; on CUDA, batches built ahead (prefetch)
+    # SPEED-UPS (appendix A): speed_up, and on CUDA batches built ahead
     kl = speed_up(teacher, student, args.bf16, args.compile, dist)
     ahead = device.type == "cuda"
     batches = training_batches(build_batch, train_set, source_of, tokenizer, masking, args, dist,
@@ -985,20 +985,20 @@ def main(args: Args) -> dict:
             epoch, batches_done, tokens, batch = next(batches)
             batch = to_device(batch, device)
             window_tokens += tokens
-            # IIT: a group per micro-batch (as officially), alike on every rank and on resume
+            # IIT: a group per micro-batch (as officially), alike on all ranks and on resume
             group = None
             if use_iit:
                 choice = np.random.default_rng([args.seed, step, micro]).integers(len(groups))
                 group = groups[choice]
             last_micro = micro == accumulation - 1
-            # DDP averages gradients at the last micro-batch only
+            # DDP averages gradients at the last micro-batch
             sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
             with sync:
                 with common.autocast(device, args.bf16):
                     loss, terms = objective(model, teacher, batch, group, **weights, runs=runs,
                                             kl=kl)
                 (loss / accumulation).backward()
-            # tensors, read only at logging and save steps: a read waits for the device
+            # tensors, read at logging and save steps only: a read waits for the GPU
             for name, value in terms.items():
                 running[name] = running.get(name, 0.0) + value.detach()
             running_count += 1
@@ -1189,7 +1189,7 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
 @torch.no_grad()
 def one_forward_is_exact(model, layers_per_group: list, batch: dict) -> bool:
     """Whether base_and_counterfactual matches base_source_counterfactual on `model`, `batch`
-    (padded, dropout off), for every group (not if blocks get per-row inputs the fork misses)."""
+    (padded, no dropout), every group (not if blocks get per-row inputs the fork misses)."""
     was_training = model.training
     matmuls = torch.get_float32_matmul_precision()
     model.eval()
@@ -1209,7 +1209,7 @@ def one_forward_is_exact(model, layers_per_group: list, batch: dict) -> bool:
 
 
 def first_rows(batch: dict, n: int) -> dict:
-    """A batch's first n (base, source) pairs: its (2, N) positions of rows below n."""
+    """A batch's first n (base, source) pairs (its (2, N) positions: rows below n)."""
     return {name: value[:, value[0] < n] if name.endswith(("_swap", "_positions")) else value[:n]
             for name, value in batch.items()}
 
@@ -1226,37 +1226,47 @@ def choose_runs(teacher, student, groups: list, batch: dict):
 
 
 def compiled(function, name: str, dist, backend: str = "inductor"):
-    """torch.compile(function); if compiling fails or dynamo gives up on new shapes, `function`
-    from then on, and a line saying so."""
+    """torch.compile(function), saying in one line where it runs eagerly: a case past dynamo's
+    limit, that call; a failed compile, from then on."""
     import torch._dynamo
+    # all blocks share a code object and so a graph budget (train/eval, grad, masks, sizes)
+    torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise, not silently eager
         torch._dynamo.config.fail_on_recompile_limit_hit = True
     errors = torch._dynamo.exc.TorchDynamoException
     limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", errors)
     fast = torch.compile(function, backend=backend, dynamic=True)
     failed = []
+    past_limit = []
 
     def call(*args, **kwargs):
         if not failed:
             try:
                 return fast(*args, **kwargs)
-            except (errors, limit_hit) as e:
+            except limit_hit as e:  # this case only: compiled graphs serve the others
+                if not past_limit:
+                    log(dist, f"note: {name} runs eagerly past dynamo's limit: "
+                              f"{common.first_line(e)}")
+                past_limit.append(e)
+            except errors as e:
                 failed.append(e)  # once: eager computes the same values
                 log(dist, f"note: torch.compile of {name} failed; it runs eagerly: "
                           f"{common.first_line(e)}")
         return function(*args, **kwargs)
 
     call.failed = failed
+    call.past_limit = past_limit
     return call
 
 
 def speed_up(teacher, student, bf16: bool, compile: bool, dist, backend: str = "inductor"):
     """Switches the speed-ups on; returns the KL to use. bf16: the frozen teacher in bf16 (autocast
-    computes in bf16 anyway). compile: each block's forward, one shared graph (IIT's per-call hooks
-    stay outside compiled code; a compiled model would meet new hooks each call), and the KL,
-    whose (rows x tokens x 30,522) tensors cost more than the encoder's matmuls: fused, one read."""
-    if bf16:
-        teacher.to(torch.bfloat16)
+    computes in bf16 anyway). compile: each block's forward (IIT's per-call hooks stay outside; a
+    compiled model would meet new hooks each call), and the KL, whose (rows x tokens x 30,522)
+    tensors cost more than the encoder's matmuls: fused, read once."""
+    if bf16:  # the weights only: buffers such as ModernBERT's rotary frequencies stay fp32
+        for weight in teacher.parameters():
+            weight.data = weight.data.to(torch.bfloat16)
     if not compile:
         return soft_target_kl
     for model in (teacher, student):
@@ -1267,7 +1277,7 @@ def speed_up(teacher, student, bf16: bool, compile: bool, dist, backend: str = "
 
 
 def prefetch(items):
-    """`items`, each built in a thread while the caller works on the one before."""
+    """`items`, each built in a thread while the caller uses the one before."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(next, items, None)
         while (item := pending.result()) is not None:
