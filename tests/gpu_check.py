@@ -97,21 +97,13 @@ def matmul_tflops(device, tiny: bool) -> float:
 
 # ---- 1. exactness ---------------------------------------------------------------------------------------------------
 
-def padded_iit_batch(vocab: int, batch: int, seq: int, device, seed: int = 0) -> dict:
-    """Base and source rows of different lengths (padding in both), MLM labels and 30% consecutive swap spans."""
+def padded_iit_batch(batch: int, seq: int, device, seed: int = 0) -> dict:
+    """Base and source rows of different lengths (padding in both, one unpadded row on each side), built as
+    bench_step_cost builds every IIT batch: MLM labels and 30% consecutive swap spans."""
     g = torch.Generator().manual_seed(seed)
     lengths = [torch.randint(seq // 2, seq + 1, (batch,), generator=g) for _ in range(2)]
-    lengths[0][0] = lengths[1][1] = seq  # one unpadded row on each side
-    out = {}
-    for run, length in zip(("", "source_"), lengths):
-        ids = torch.randint(1000, vocab - 1, (batch, seq), generator=g)
-        mask = (torch.arange(seq)[None] < length[:, None]).long()
-        out[run + "input_ids"], out[run + "attention_mask"] = ids * mask, mask
-    out["labels"] = torch.where(torch.rand(batch, seq, generator=g) < 0.15, out["input_ids"], -100)
-    out["labels"][out["attention_mask"] == 0] = -100
-    masks = iit.interchange_masks(lengths[0], lengths[1], seq, 0.3, generator=g)
-    out["base_swap"], out["source_swap"] = map(iit.positions_of, masks)
-    return {k: v.to(device) for k, v in out.items()}
+    lengths[0][0] = lengths[1][1] = seq
+    return bench.iit_batch(device, batch, seq, lengths, seed)
 
 
 def loss_and_grads(student, teacher, batch, group, schedule: str, bf16: bool, device, kl=iit.soft_target_kl):
@@ -149,7 +141,7 @@ def exactness(device, tiny: bool) -> dict:
     blocks_equal = all(torch.equal(a, b) for i, t in enumerate(layers) for a, b in zip(
         common.transformer_blocks(student)[i].state_dict().values(),
         common.transformer_blocks(teacher)[t].state_dict().values()))
-    batch = padded_iit_batch(teacher.config.vocab_size, 4 if tiny else 8, 32 if tiny else 128, device)
+    batch = padded_iit_batch(4 if tiny else 8, 32 if tiny else 128, device)
     groups = iit.alignments("full", teacher.config.num_hidden_layers, len(layers))
     worst = {"fp32_terms": 0.0, "fp32_grads": 0.0, "bf16_terms": 0.0, "bf16_grads": 0.0, "bf16_vs_fp32_terms": 0.0,
              "bf16_vs_fp32_grads": 0.0}
