@@ -422,7 +422,7 @@ def main(args: Args) -> dict:
             # DDP averages the gradients at the last micro-batch only
             sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
             with sync:
-                teacher_maps, teacher_logits = cache(batch)
+                teacher_maps, teacher_logits = cache(batch, rows["index"])
                 loss, terms = adkd_loss(model, batch, teacher_maps, teacher_logits,
                                         alpha=args.alpha, beta=args.beta, temperature=temperature,
                                         ig_steps=args.ig_steps, bf16=args.bf16)
@@ -539,9 +539,10 @@ class TeacherCache:
         self.maps = {}
         self.logits = {}  # by example index: (V, length), (C,)
 
-    def __call__(self, batch: dict):
-        """(maps (V, B, T) zero-padded, or None without L_attr; logits (B, C)) for a batch."""
-        indices = batch["index"].tolist()
+    def __call__(self, batch: dict, indices: list[int] | None = None):
+        """(maps (V, B, T) zero-padded, or None without L_attr; logits (B, C)) for a batch. indices:
+        its examples' on the host (read from batch["index"], a cached step waits for the device)."""
+        indices = batch["index"].tolist() if indices is None else indices
         missing = [j for j, i in enumerate(indices) if i not in self.logits]
         if missing:  # first sight of these examples: one teacher pass, cut to their own longest
             T = int(batch["attention_mask"][missing].sum(-1).max())
@@ -555,7 +556,7 @@ class TeacherCache:
                 with torch.no_grad(), common.autocast(new["input_ids"].device, self.bf16):
                     logits = self.teacher(**inputs).logits
             lengths = new["attention_mask"].sum(-1).tolist()
-            for j, (index, length) in enumerate(zip(new["index"].tolist(), lengths)):
+            for j, (index, length) in enumerate(zip([indices[j] for j in missing], lengths)):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:
                     self.maps[index] = maps[:, j, :length]

@@ -1,4 +1,4 @@
-"""The GPU path, checked on the CPU: no host sync of ours in a training micro-step, the compiled blocks keep the
+"""The GPU path, checked on the CPU: no host sync of ours in a training micro-step (IIT, AD-KD), the compiled blocks keep the
 interchange, eight ranks step alike, batches built ahead are the batches built inline, lengths read from Arrow,
 and a GPU user's own torch kept by the requirements."""
 
@@ -91,6 +91,35 @@ def test_a_fast_micro_step_of_ours_never_waits_for_the_device():
         values = iit.get_activations(student, batch["input_ids"], batch["attention_mask"], [0])[0][mask]
         iit.forward_with_interchange(student, batch["input_ids"], batch["attention_mask"], {0: (mask, values)})
     assert any(sync[1] == "iit_distill.py" for sync in plain.found)
+
+
+def test_a_cached_adkd_micro_step_never_waits_for_the_device():
+    """AD-KD's micro-step once the teacher cache holds the batch's examples: the cache read with the host's indices,
+    the student's IG forward, the double backward, the terms kept as tensors. The probe does not see `tolist` on the
+    CPU, so the batch's indices lie on the meta device, where reading them fails as it waits on a GPU."""
+    import adkd_distill as adkd
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_config(120, layers=2, num_labels=3)).eval().requires_grad_(False)
+    student = common.init_student_from_teacher(teacher, [1]).train()
+    student.set_attn_implementation("eager")
+    batch = padded_batch()
+    batch = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=torch.tensor([0, 2, 1, 1]), index=torch.tensor([7, 3, 5, 8]))
+    cache = adkd.TeacherCache(teacher, 3, ig_steps=2, topk=16, need_maps=True, bf16=False)
+    cache(batch)  # first sight: the teacher's pass reads the lengths back, once per example
+    batch["index"] = batch["index"].to("meta")
+    syncs = HostSyncs()
+    with syncs:
+        maps, logits = cache(batch, [7, 3, 5, 8])
+        loss, terms = adkd.adkd_loss(student, batch, maps, logits, alpha=0.5, beta=1.0, temperature=2.0,
+                                     ig_steps=2)
+        loss.backward()
+        running = {name: value / 2 for name, value in terms.items()}
+    assert running and not [sync for sync in syncs.found if sync[1] == "adkd_distill.py"], syncs.found
+    assert syncs.found, "the probe sees no sync at all: it would miss ours too"  # transformers' mask check
+    with pytest.raises(NotImplementedError):  # the indices read from the batch: a wait on a GPU
+        cache(batch)
 
 
 def test_compiled_blocks_keep_the_interchange_and_the_loss():
