@@ -1220,12 +1220,15 @@ def choose_runs(teacher, student, groups: list, batch: dict):
 
 def compiled(function, name: str, dist, backend: str = "inductor"):
     """torch.compile(function), saying in one line where it runs eagerly: a case past dynamo's
-    limit, that call; a failed compile, from then on."""
+    limit, that call; a failed compile (forward or backward), from then on."""
     import torch._dynamo
     # all blocks share a code object and so a graph budget (train/eval, grad, masks, sizes)
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise, not silently eager
         torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # the backward compiled with the forward: a failure raises here, not in loss.backward()
+    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+        torch._functorch.config.force_non_lazy_backward_lowering = True
     errors = torch._dynamo.exc.TorchDynamoException
     limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", errors)
     fast = torch.compile(function, backend=backend, dynamic=True)
@@ -1243,8 +1246,9 @@ def compiled(function, name: str, dist, backend: str = "inductor"):
                 past_limit.append(e)
             except errors as e:
                 failed.append(e)  # eager computes the same values
+                cause = getattr(e, "inner_exception", None) or e  # a backend's own error
                 log(dist, f"note: torch.compile of {name} failed; it runs eagerly: "
-                          f"{common.first_line(e)}")
+                          f"{type(cause).__name__}: {common.first_line(cause)}")
         return function(*args, **kwargs)
 
     call.failed = failed

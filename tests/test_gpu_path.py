@@ -1,6 +1,6 @@
-"""The GPU path, checked on the CPU: no host sync of ours in a training micro-step (IIT, AD-KD), the compiled blocks keep the
-interchange, eight ranks step alike, batches built ahead are the batches built inline, lengths read from Arrow,
-and a GPU user's own torch kept by the requirements."""
+"""The GPU path, checked on the CPU: no host sync of ours in a training micro-step (IIT, AD-KD), the compiled blocks
+keep the interchange (a failed backward compile falls back in one line), eight ranks step alike, batches built ahead
+are the batches built inline, lengths read from Arrow, and a GPU user's own torch kept by the requirements."""
 
 import itertools
 import os
@@ -158,6 +158,28 @@ def test_compiled_blocks_keep_the_interchange_and_the_loss():
             iit.predictions(student, [inputs], [group[1]], iit.base_and_counterfactual)
     wrappers = [kl] + [block.forward for model in (teacher, student) for block in common.transformer_blocks(model)]
     assert not any(wrapper.failed or wrapper.past_limit for wrapper in wrappers)
+
+
+def test_a_failed_backward_compile_falls_back_with_one_note(capsys):
+    """A backend whose backward compile fails: the block's forward says so in one line, once, and runs eagerly, so
+    the training step's backward works (compiled lazily, the failure would surface in loss.backward())."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def planted(graph, example_inputs):
+        raise RuntimeError("planted backward failure")
+
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph.forward, bw_compiler=planted)
+    teacher, student = models()
+    block = common.transformer_blocks(student)[1]
+    block.forward = iit.compiled(block.forward, "BertLayer.forward", common.Dist(), backend)
+    batch = padded_batch()
+    for _ in range(2):
+        loss, _ = iit.distillation_loss(student, teacher, batch, ((2, 3), (1,)), runs=iit.base_and_counterfactual)
+        loss.backward()
+    assert len(block.forward.failed) == 1
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "BertLayer.forward failed" in notes[0] and "planted" in notes[0], notes
+    assert block.attention.self.query.weight.grad.abs().sum() > 0
 
 
 def test_eight_ranks_step_alike():
