@@ -537,7 +537,8 @@ class TeacherCache:
         indices = batch["index"].tolist() if indices is None else indices
         missing = [j for j, i in enumerate(indices) if i not in self.logits]
         if missing:  # first sight of these examples: one teacher pass, cut to their own longest
-            T = int(batch["attention_mask"][missing].sum(-1).max())
+            lengths = batch["attention_mask"][missing].sum(-1).tolist()  # read back once, here only
+            T = max(lengths)
             new = {k: v[missing][:, :T] if v.dim() == 2 else v[missing] for k, v in batch.items()}
             if self.need_maps:
                 maps, logits = teacher_token_maps(self.teacher, new, self.num_labels, self.ig_steps,
@@ -547,7 +548,6 @@ class TeacherCache:
                           if k in new}
                 with torch.no_grad(), common.autocast(new["input_ids"].device, self.bf16):
                     logits = self.teacher(**inputs).logits
-            lengths = new["attention_mask"].sum(-1).tolist()
             for j, (index, length) in enumerate(zip([indices[m] for m in missing], lengths)):
                 self.logits[index] = logits[j].detach().float()
                 if self.need_maps:

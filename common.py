@@ -38,14 +38,15 @@ def transformer_blocks(model) -> torch.nn.ModuleList:
     """The encoder's blocks, in running order: what IIT intervenes on and a student is cut from."""
     base = unwrap(model).base_model
     kind = type(base).__name__
-    fail_if(any(getattr(module, "is_causal", False) for module in base.modules()),
-            f"{kind} attends causally (a decoder); these methods need a bidirectional encoder: pass a {FAMILIES} model")
+    if any(getattr(module, "is_causal", False) for module in base.modules()):  # no message built per call: a hot path
+        raise UserError(f"{kind} attends causally (a decoder); these methods need a bidirectional encoder: pass a "
+                        f"{FAMILIES} model")
     for path in BLOCK_PATHS:
         blocks = functools.reduce(lambda module, name: getattr(module, name, None), path.split("."), base)
         if isinstance(blocks, torch.nn.ModuleList):
-            fail_if(len(blocks) != base.config.num_hidden_layers,
-                    f"{kind} runs {len(blocks)} block(s) for its {base.config.num_hidden_layers} layers (weights "
-                    f"shared across depth): there are no blocks to pick; pass a {FAMILIES} model")
+            if len(blocks) != base.config.num_hidden_layers:
+                raise UserError(f"{kind} runs {len(blocks)} block(s) for its {base.config.num_hidden_layers} layers "
+                                f"(weights shared across depth): there are no blocks to pick; pass a {FAMILIES} model")
             return blocks
     raise UserError(f"{kind}: no transformer blocks at any of {', '.join(BLOCK_PATHS[:3])} (an encoder layout we do "
                     f"not know); pass a {FAMILIES} model")
@@ -54,7 +55,8 @@ def embedding_module(model) -> torch.nn.Module:
     """The module feeding the first block: token (+ position, type) embeddings and their norm."""
     base = unwrap(model).base_model
     embeddings = getattr(base, "embeddings", None)
-    fail_if(embeddings is None, f"{type(base).__name__} has no .embeddings module; pass a {FAMILIES} model")
+    if embeddings is None:  # called at every IG forward: no message built unless it fails
+        raise UserError(f"{type(base).__name__} has no .embeddings module; pass a {FAMILIES} model")
     return embeddings
 
 def max_positions(model) -> float:

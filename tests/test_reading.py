@@ -28,11 +28,16 @@ def test_one_statement_per_line_of_at_most_100_characters(script):
     assert not joined and not semicolons, f"{script}: joined statements at lines {joined + semicolons}"
 
 
-def test_iit_distill_is_a_story_with_appendices():
-    source = (ROOT / "iit_distill.py").read_text()
-    lines = source.splitlines()
+def top_level(script: str) -> tuple[str, dict]:
+    """The script's source and the line of each function and class it defines at the top level."""
+    source = (ROOT / script).read_text()
     tree = ast.parse(source)
-    defined = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    return source, {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_iit_distill_is_a_story_with_appendices():
+    source, defined = top_level("iit_distill.py")
+    lines = source.splitlines()
     first_method = min(line for name, line in defined.items())
     assert first_method <= 60, f"the method starts at line {first_method}"
     assert defined["main"] < 0.7 * len(lines), f"main starts at line {defined['main']} of {len(lines)}"
@@ -47,9 +52,7 @@ def test_iit_distill_is_a_story_with_appendices():
 
 
 def test_adkd_distill_keeps_the_same_order():
-    source = (ROOT / "adkd_distill.py").read_text()
-    tree = ast.parse(source)
-    defined = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    _, defined = top_level("adkd_distill.py")
     assert min(defined.values()) <= 60
     assert defined["adkd_loss"] < defined["load_student"] < defined["Args"] < defined["main"] < \
         defined["TeacherCache"] < defined["check_args"]
